@@ -1,0 +1,45 @@
+"""PyTorch loaders around the numpy sources and the step sampler of ``common/data.py``."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.data import StepSampler
+
+
+class SourceDataset(Dataset):
+    """A map-style dataset keyed by ``(index, flip)``; items are (x, label, skipped)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        x, label, skipped = self.source[key]
+        return torch.from_numpy(x), label, skipped
+
+
+class _MicroBatches(torch.utils.data.Sampler):
+    """The step sampler's micro-batches from ``start_step`` on, as a torch batch sampler."""
+
+    def __init__(self, step_sampler: StepSampler, start_step: int):
+        self.step_sampler, self.start_step = step_sampler, start_step
+
+    def __iter__(self):
+        return self.step_sampler.iter_from(self.start_step)
+
+
+def build_loader(source, step_sampler: StepSampler, start_step: int, num_workers: int = 0) -> DataLoader:
+    """Endless loader of (x [B, C, H, W] float32, y [B] int64, skipped [B] int64) micro-batches.
+
+    Batches depend only on the step, so a resumed run reads what the uninterrupted one did.
+    """
+    return DataLoader(
+        SourceDataset(source),
+        batch_sampler=_MicroBatches(step_sampler, start_step),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,269 @@
+"""DiR: DiT's diffusion backbone with RWKV-6 blocks, in PyTorch.
+
+Shapes: N images, T = (input_size / patch_size)**2 tokens, D = hidden_size,
+H heads of K = head_size channels. Parameter names equal the canonical names of
+``common/params.py``; weights are loaded from (and exported to) that table, so
+init is the numpy init shared by every backend, not PyTorch's.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backends.torch.wkv import wkv6
+from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [N, T, D]; shift, scale [N, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def token_shift(x, bidirectional: bool):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+
+    x [N, T, D]; tokens past either end are zero.
+    """
+    zero = torch.zeros_like(x[:, :1])
+    previous = torch.cat([zero, x[:, :-1]], dim=1)
+    if not bidirectional:
+        return previous
+    following = torch.cat([x[:, 1:], zero], dim=1)
+    return 0.5 * (previous + following)
+
+
+class PatchEmbed(nn.Module):
+    """[N, C, H, W] -> [N, T, D] by a stride-p convolution."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.proj = nn.Conv2d(spec.in_channels, spec.hidden_size, spec.patch_size, stride=spec.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps [N] -> [N, D]: sinusoidal features, then an MLP."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def timestep_embedding(t, dim: int = FREQUENCY_EMBEDDING_SIZE):
+        half = dim // 2
+        freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels [N] -> [N, D]; in training a label becomes the null class
+    (id ``num_classes``) with probability ``dropout_prob``, for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train: bool, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class TimeMix(nn.Module):
+    """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
+
+    [N, T, D] -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d = spec.hidden_size
+        self.num_heads, self.head_size = spec.num_heads, spec.head_size
+        self.bidirectional = spec.scan == "bidirectional"
+        for branch in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, f"time_maa_{branch}", nn.Parameter(torch.zeros(d)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(d, 5 * spec.mix_lora_rank))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, spec.mix_lora_rank, d))
+        self.time_decay = nn.Parameter(torch.zeros(d))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(d, spec.decay_lora_rank))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(spec.decay_lora_rank, d))
+        self.time_faaaa = nn.Parameter(torch.zeros(spec.num_heads, spec.head_size))
+        self.receptance = nn.Linear(d, d, bias=False)
+        self.key = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(d, d, bias=False)
+        self.gate = nn.Linear(d, d, bias=False)
+        self.output = nn.Linear(d, d, bias=False)
+        self.ln_x = nn.GroupNorm(spec.num_heads, d, eps=GROUP_NORM_EPS)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        delta = token_shift(x, self.bidirectional) - x
+        mixed = x + delta * self.time_maa_x
+        lora = torch.tanh(mixed @ self.time_maa_w1).view(n * t, 5, -1).transpose(0, 1)  # [5, NT, R]
+        mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, n, t, d).unbind(0)
+        xw = x + delta * (self.time_maa_w + mw)
+        xk = x + delta * (self.time_maa_k + mk)
+        xv = x + delta * (self.time_maa_v + mv)
+        xr = x + delta * (self.time_maa_r + mr)
+        xg = x + delta * (self.time_maa_g + mg)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = F.silu(self.gate(xg))
+        log_decay = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        heads = (n, t, self.num_heads, self.head_size)
+        y = wkv6(r.view(heads), k.view(heads), v.view(heads), log_decay.view(heads), self.time_faaaa,
+                 bidirectional=self.bidirectional)
+        y = self.ln_x(y.reshape(n * t, d)).view(n, t, d)
+        return self.output(y * g)
+
+
+class ChannelMix(nn.Module):
+    """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, f = spec.hidden_size, spec.ffn_hidden_size
+        self.bidirectional = spec.scan == "bidirectional"
+        self.time_maa_k = nn.Parameter(torch.zeros(d))
+        self.time_maa_r = nn.Parameter(torch.zeros(d))
+        self.key = nn.Linear(d, f, bias=False)
+        self.receptance = nn.Linear(d, d, bias=False)
+        self.value = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        delta = token_shift(x, self.bidirectional) - x
+        k = torch.relu(self.key(x + delta * self.time_maa_k)) ** 2
+        return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
+
+
+class DiRBlock(nn.Module):
+    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+        super().__init__()
+        d = spec.hidden_size
+        self.skip_linear = nn.Linear(2 * d, d) if fuses_skip else None
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.att = TimeMix(spec)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.ffn = ChannelMix(spec)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """[N, T, D] -> [N, T, p*p*out_channels], adaLN-modulated."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, p = spec.hidden_size, spec.patch_size
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.linear = nn.Linear(d, p * p * spec.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiR(nn.Module):
+    """Diffusion RWKV: noisy images x [N, C, H, W], timesteps t [N], labels y [N]
+    -> [N, out_channels, H, W] (eps, then the variance interpolation when learn_sigma)."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.spec = spec
+        self.x_embedder = PatchEmbed(spec)
+        if spec.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_patches, spec.hidden_size))
+        elif spec.pos_embed == "sincos":  # fixed, so not a parameter and not in checkpoints
+            table = torch.from_numpy(sincos_pos_embed_2d(spec.hidden_size, spec.grid_size))[None]
+            self.register_buffer("pos_embed", table, persistent=False)
+        else:
+            self.pos_embed = None
+        self.t_embedder = TimestepEmbedder(spec.hidden_size)
+        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        self.blocks = nn.ModuleList(DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks))
+        self.final_layer = FinalLayer(spec)
+
+    @classmethod
+    def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
+        """A model with the shared numpy init of ``common/params.py``."""
+        model = cls(spec)
+        model.load_canonical(init_canonical(spec, seed))
+        return model
+
+    def load_canonical(self, state: dict[str, np.ndarray]) -> None:
+        """Copy canonical numpy weights in (checked name by name and shape by shape)."""
+        from common.param_mapping import from_framework
+
+        canonical = from_framework("torch", state, self.spec)
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for info in parameter_table(self.spec):
+                own[info.name].copy_(torch.from_numpy(np.asarray(canonical[info.name])))
+
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """Weights as float32 numpy arrays in canonical names and order."""
+        own = dict(self.named_parameters())
+        return {info.name: own[info.name].detach().float().cpu().numpy() for info in parameter_table(self.spec)}
+
+    def unpatchify(self, x):
+        """[N, T, p*p*C] -> [N, C, H, W]."""
+        c, p, h = self.spec.out_channels, self.spec.patch_size, self.spec.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        in_block_outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, in_block_outputs.pop() if self.spec.is_out_block(i) else None)
+            if i < self.spec.num_in_blocks:
+                in_block_outputs.append(x)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float):
+        """Classifier-free guidance on a doubled batch: the first half of ``y`` holds the
+        classes, the second half the null class; both halves get the guided eps."""
+        if not self.spec.has_null_class:
+            raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = out[:, : self.spec.in_channels], out[:, self.spec.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)

@@ -1,0 +1,177 @@
+"""WKV6, the RWKV-6 ("Finch") linear-attention recurrence, in PyTorch.
+
+Shapes: r, k, v, w are [B, T, H, K]; w is the log-decay (w <= 0, the per-step
+decay is exp(w)); u (the "bonus" of the current token) is [H, K]. Per head, with
+state S [K, K] starting at zero:
+
+    o_t = r_t (S + diag(u) k_t^T v_t)
+    S   = diag(exp(w_t)) S + k_t^T v_t
+
+``bidirectional=True`` adds the same recurrence run over the reversed sequence
+without the bonus, so o_t sees every token s != t through the decays between
+them, and the current token once through u.
+
+``wkv6_reference`` is the plain loop. ``wkv6`` is the chunked-parallel form the
+model uses: tokens are grouped into chunks (the state is passed between chunks
+with one small loop) and each chunk into sub-chunks. Every exponent is a sum of
+log-decays over a span of tokens that ends before the query, measured from a
+chunk or sub-chunk boundary, so none is positive and nothing overflows in fp32
+however strong the decay. The state and all sums are fp32 (fp64 for fp64 input).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_SIZE = 64
+SUB_CHUNK_SIZE = 16
+# Largest |exponent| a factorised product may carry: exp(30) ~ 1e13 keeps fp32 far from
+# overflow and its reciprocal far from the denormals.
+MAX_FACTORISED_EXPONENT = {torch.float32: 30.0, torch.float64: 300.0}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flip_time(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(1)
+
+
+# ---- reference ----------------------------------------------------------------------
+def _scan_reference(r, k, v, w, u):
+    batch, length, heads, _ = r.shape
+    state = r.new_zeros(batch, heads, r.shape[-1], v.shape[-1])
+    outputs = []
+    for t in range(length):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], state + u[None, :, :, None] * kv))
+        state = torch.exp(w[:, t])[..., None] * state + kv
+    return torch.stack(outputs, dim=1)
+
+
+def wkv6_reference(r, k, v, w, u, bidirectional: bool = False):
+    """The sequential recurrence, one token at a time. Returns [B, T, H, K]."""
+    dtype = r.dtype
+    r, k, v, w, u = (x.to(_compute_dtype(dtype)) for x in (r, k, v, w, u))
+    out = _scan_reference(r, k, v, w, u)
+    if bidirectional:
+        flipped = [_flip_time(x) for x in (r, k, v, w)]
+        out = out + _flip_time(_scan_reference(*flipped, torch.zeros_like(u)))
+    return out.to(dtype)
+
+
+# ---- chunked ------------------------------------------------------------------------
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_{j < i} x_j along ``dim`` (exact: no subtraction of an inclusive sum)."""
+    shifted = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
+    return torch.cumsum(shifted, dim)
+
+
+def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_{j > i} x_j along ``dim``."""
+    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+
+
+def _pairwise_scores(r, k, w, decay_before):
+    """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token."""
+    size = r.shape[-2]
+    earlier = torch.ones(size, size, dtype=torch.bool, device=r.device).tril(-1)  # [t, s]: s < t
+    exponent = decay_before[..., :, None, :] - (decay_before + w)[..., None, :, :]
+    exponent = exponent.masked_fill(~earlier[..., None], 0.0).clamp(max=0.0)
+    scores = (r[..., :, None, :] * k[..., None, :, :] * torch.exp(exponent)).sum(-1)
+    return scores * earlier.to(r.dtype)
+
+
+def _factorisable(w, decay_before) -> bool:
+    """True when exp(sum of |w| over any span) stays below exp(MAX_FACTORISED_EXPONENT)."""
+    span_total = -(decay_before[..., -1, :] + w[..., -1, :]).detach()
+    return float(span_total.max()) <= MAX_FACTORISED_EXPONENT[w.dtype]
+
+
+def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
+    """scores[t, s] = sum_k r_t k_s exp(w_{s+1} + ... + w_{t-1}) for s < t, else 0.
+
+    r, k, w: [..., L, K]; ``decay_before`` is the exclusive cumsum of w along L.
+    Returns [..., L, L].
+    """
+    size = r.shape[-2]
+    earlier = torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
+    if _factorisable(w, decay_before):
+        # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
+        return ((r * torch.exp(decay_before)) @ (k * torch.exp(-(decay_before + w))).transpose(-1, -2)) * earlier
+    if size <= sub_chunk_size:
+        return _pairwise_scores(r, k, w, decay_before)
+    # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
+    # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
+    lead = r.shape[:-2]
+    n_sub, dk = size // sub_chunk_size, r.shape[-1]
+    r_s, k_s, w_s = (x.reshape(*lead, n_sub, sub_chunk_size, dk) for x in (r, k, w))
+    local_before = _exclusive_cumsum(w_s, dim=-2)
+    local_after = _reverse_exclusive_cumsum(w_s, dim=-2)
+    idx = torch.arange(n_sub, device=r.device)
+    # strictly_between[i, j, m] = j < m < i: whole sub-chunks between key sub-chunk j and query i
+    strictly_between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])
+    gap = torch.einsum("ijm,...mk->...ijk", strictly_between.to(w.dtype), w_s.sum(dim=-2))  # [..., i, j, K]
+    keys = k_s.unsqueeze(-4) * torch.exp(local_after.unsqueeze(-4) + gap.unsqueeze(-2))  # [..., i, j, S, K]
+    keys = keys.reshape(*lead, n_sub, size, dk)
+    scores = (r_s * torch.exp(local_before)) @ keys.transpose(-1, -2)  # [..., i, S, L]
+    scores = scores.reshape(*lead, n_sub, sub_chunk_size, n_sub, sub_chunk_size)
+    earlier_sub = (idx[None, :] < idx[:, None]).to(r.dtype)  # key sub-chunk j < query sub-chunk i
+    scores = scores * earlier_sub[:, None, :, None]
+    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size)  # [..., n, S, S]
+    eye = torch.eye(n_sub, dtype=r.dtype, device=r.device)
+    scores = scores + diag.unsqueeze(-2) * eye[:, None, :, None]
+    return scores.reshape(*lead, size, size)
+
+
+def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
+    """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
+    batch, heads, length, dk = r.shape
+    dv = v.shape[-1]
+    pad = (-length) % chunk_size
+    if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
+        r, k, v, w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, w))
+    n_chunks = r.shape[2] // chunk_size
+    r, k, v, w = (x.reshape(batch, heads, n_chunks, chunk_size, x.shape[-1]) for x in (r, k, v, w))
+    decay_before = _exclusive_cumsum(w, dim=3)  # w summed from chunk start to t-1, <= 0
+
+    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)  # [B, H, N, L, L]
+    out = scores @ v
+    if n_chunks > 1:  # the state at each chunk start, from a short loop over chunks
+        decay_after = _reverse_exclusive_cumsum(w, dim=3)  # w summed from s+1 to chunk end, <= 0
+        chunk_decay = torch.exp(w.sum(dim=3))  # [B, H, N, K]
+        chunk_kv = (k * torch.exp(decay_after)).transpose(-1, -2) @ v  # [B, H, N, K, V]
+        state = r.new_zeros(batch, heads, dk, dv)
+        states = []
+        for c in range(n_chunks):
+            states.append(state)
+            state = chunk_decay[:, :, c, :, None] * state + chunk_kv[:, :, c]
+        out = out + (r * torch.exp(decay_before)) @ torch.stack(states, dim=2)
+    return out.reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :length]
+
+
+def wkv6(r, k, v, w, u, bidirectional: bool = False,
+         chunk_size: int = CHUNK_SIZE, sub_chunk_size: int = SUB_CHUNK_SIZE):
+    """Chunked-parallel WKV6; same arguments and result as ``wkv6_reference``."""
+    if chunk_size % sub_chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk_size {sub_chunk_size}")
+    with torch.autocast(r.device.type, enabled=False):  # the state stays fp32 under bf16 autocast
+        return _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+
+
+def _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
+    dtype = r.dtype
+    compute = _compute_dtype(dtype)
+    batch = r.shape[0]
+    # [B, T, H, K] -> [B, H, T, K]
+    r, k, v, w = (x.to(compute).transpose(1, 2) for x in (r, k, v, w))
+    u = u.to(compute)
+    if bidirectional:  # both directions in one batched call
+        flip = lambda x: torch.cat([x, x.flip(2)], dim=0)  # noqa: E731
+        both = _strictly_causal(flip(r), flip(k), flip(v), flip(w), chunk_size, sub_chunk_size)
+        out = both[:batch] + both[batch:].flip(2)
+    else:
+        out = _strictly_causal(r, k, v, w, chunk_size, sub_chunk_size)
+    bonus = (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
+    return (out + bonus).transpose(1, 2).to(dtype)

@@ -1,0 +1,332 @@
+"""Flat YAML configs checked against a schema (the mindone way).
+
+A config is one flat YAML mapping (``configs/train/digits.yaml``). Every key can
+be overridden on the command line (``--lr 2e-4``). Both the file and the
+overrides are checked against a schema: an unknown key or a value of the wrong
+type stops with a :class:`ConfigError` that names the key, where it came from
+(the file or the command line) and the closest valid key.
+
+The schemas of the two entry points (``TRAIN_SCHEMA``, ``SAMPLE_SCHEMA``) live
+here so every backend parses exactly the same options.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from common.spec import FIELD_NAMES as SPEC_FIELDS
+from common.spec import POS_EMBED_CHOICES, SCAN_CHOICES
+
+
+class ConfigError(ValueError):
+    """A config file or override cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key: its type, default, allowed values and what it is for."""
+
+    name: str
+    type: str  # int | float | bool | str | list | str_or_list
+    default: Any
+    help: str
+    choices: tuple | None = None
+    nullable: bool = False  # null (None) is allowed
+
+
+# ---- schemas ---------------------------------------------------------------------------
+
+# Model fields a config may override on top of the preset; input_size and
+# in_channels follow from the data, so they are not listed.
+SPEC_OVERRIDE_TYPES = {
+    "hidden_size": "int", "depth": "int", "patch_size": "int", "head_size": "int",
+    "ffn_mult": "int", "num_classes": "int", "class_dropout_prob": "float",
+    "learn_sigma": "bool", "pos_embed": "str", "scan": "str", "skip": "bool",
+    "mix_lora_rank": "int", "decay_lora_rank": "int",
+}
+assert set(SPEC_OVERRIDE_TYPES) <= set(SPEC_FIELDS)
+
+_SPEC_OPTIONS = [
+    Option(name, kind, None, f"model override: spec field '{name}' (null = the preset's value"
+           + (", or the dataset's class count" if name == "num_classes" else "") + ")",
+           choices={"pos_embed": POS_EMBED_CHOICES, "scan": SCAN_CHOICES}.get(name), nullable=True)
+    for name, kind in SPEC_OVERRIDE_TYPES.items()
+]
+
+DATASETS = ("digits", "imagefolder", "latents")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+SAMPLERS = ("ddpm", "ddim")
+
+TRAIN_OPTIONS = [
+    # data
+    Option("dataset", "str", "digits", "digits (scikit-learn, embedded) | imagefolder (one folder per class) | latents (pre-extracted .npy)", DATASETS),
+    Option("data_path", "str", None, "ImageFolder root, or the folder holding *_features/ and *_labels/ for latents", nullable=True),
+    Option("image_size", "int", 16, "image side in pixels (latents: the side of the images they encode; the latent side is image_size/8)"),
+    Option("random_flip", "bool", True, "random horizontal flip (off for digits: a mirrored 2 is no 2)"),
+    Option("num_workers", "int", 0, "data loader worker processes per rank"),
+    # model
+    Option("model", "str", "DiR-Tiny/2", "model preset (common/spec.py PRESETS); the keys below override its fields"),
+    *_SPEC_OPTIONS,
+    # objective
+    Option("objective", "str", "ddpm", "training objective (DDPM eps-prediction, hybrid loss when learn_sigma)", ("ddpm",)),
+    Option("diffusion_steps", "int", 1000, "number of diffusion timesteps T"),
+    Option("noise_schedule", "str", "linear", "beta schedule", ("linear",)),
+    # optimisation
+    Option("max_steps", "int", 2000, "optimizer steps to train for"),
+    Option("global_batch_size", "int", 64, "images per optimizer step, summed over processes and accumulation steps"),
+    Option("grad_accum_steps", "int", 1, "micro-batches accumulated per optimizer step"),
+    Option("lr", "float", 1e-4, "peak learning rate (AdamW)"),
+    Option("weight_decay", "float", 0.0, "AdamW weight decay, applied only to parameters with 2+ dims"),
+    Option("adam_beta2", "float", 0.999, "AdamW beta2"),
+    Option("lr_schedule", "str", "constant", "after warmup: constant | cosine (down to min_lr at max_steps)", ("constant", "cosine")),
+    Option("warmup_steps", "int", 0, "linear warmup steps from 0 to lr"),
+    Option("min_lr", "float", 0.0, "final learning rate of the cosine schedule"),
+    Option("grad_clip", "float", 1.0, "clip the global gradient norm to this (0 = off)"),
+    Option("ema_decay", "float", 0.9999, "EMA decay, applied every optimizer step"),
+    Option("ema_warmup", "bool", False, "use decay min(ema_decay, (1+step)/(10+step)) so a short run's EMA is not stuck near init"),
+    Option("precision", "str", "fp32", "fp32 | bf16 (autocast; weights and optimizer stay fp32)", PRECISIONS),
+    Option("seed", "int", 0, "global seed (each process uses seed * world_size + rank)"),
+    Option("device", "str", "auto", "auto (cuda if available) | cpu | cuda", DEVICES),
+    # run
+    Option("run_dir", "str", "runs/default", "where checkpoints, logs, samples and the resolved config go"),
+    Option("resume", "str", None, "null | auto (latest checkpoint in run_dir, if any) | path to a checkpoint", nullable=True),
+    Option("log_every", "int", 50, "steps between log lines (JSONL, TensorBoard)"),
+    Option("ckpt_every", "int", 1000, "steps between checkpoints (one is always written at the end)"),
+    Option("sample_every", "int", 0, "steps between sample grids written to run_dir/samples (0 = only at the end, -1 = never)"),
+    Option("sample_sampler", "str", "ddim", "sampler for the training grids", SAMPLERS),
+    Option("sample_steps", "int", 25, "sampling steps for the training grids"),
+    Option("sample_cfg_scale", "float", 4.0, "classifier-free guidance scale for the training grids"),
+    Option("sample_per_class", "int", 2, "grid images per class (first 10 classes at most)"),
+    Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent runs need it to draw grids", nullable=True),
+]
+
+SAMPLE_OPTIONS = [
+    Option("ckpt", "str", "runs/default", "a run folder (its latest checkpoint), a training .pt checkpoint or canonical .safetensors"),
+    Option("weights", "str", "ema", "which weights of a training checkpoint to use", ("ema", "model")),
+    Option("classes", "str_or_list", "all", "all, or a list of class indices or names (e.g. [0, 3] or [goldfish, 7])"),
+    Option("class_names", "str", "auto", "auto (from the checkpoint's dataset) | imagenet | digits | none | path to a JSON list"),
+    Option("num_per_class", "int", 10, "images per requested class"),
+    Option("seed", "int", 0, "seed of the initial noise and sampler noise"),
+    Option("sampler", "str", "ddpm", "ddpm (ancestral) | ddim", SAMPLERS),
+    Option("num_sampling_steps", "int", None, "respaced steps (null = 250 for ddpm, 50 for ddim)", nullable=True),
+    Option("eta", "float", 0.0, "DDIM eta (0 = deterministic)"),
+    Option("cfg_scale", "float", 4.0, "classifier-free guidance scale (1 = no guidance, no batch doubling)"),
+    Option("clip_denoised", "bool", False, "clip predicted x0 to [-1, 1] each step (pixel models)"),
+    Option("batch_size", "int", 100, "images per forward batch (guidance doubles it)"),
+    Option("out_dir", "str", "samples/default", "where grid.png, images/ and samples.npz go"),
+    Option("save_images", "bool", True, "also write one PNG per image"),
+    Option("grid_upscale", "int", 1, "nearest-neighbour upscale of the grid PNG (tiny images)"),
+    Option("precision", "str", "fp32", "fp32 | bf16 autocast", PRECISIONS),
+    Option("device", "str", "auto", "auto | cpu | cuda", DEVICES),
+    Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent models need it", nullable=True),
+]
+
+TRAIN_SCHEMA = {option.name: option for option in TRAIN_OPTIONS}
+SAMPLE_SCHEMA = {option.name: option for option in SAMPLE_OPTIONS}
+
+
+# ---- checking ---------------------------------------------------------------------------
+
+def closest_key(name: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'lr'?)`` or an empty string."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_value(option: Option, value: Any, source: str) -> Any:
+    """Return ``value`` coerced to the option's type, or raise ConfigError."""
+    where = f"{source}: key '{option.name}'"
+    if value is None:
+        if option.nullable:
+            return None
+        raise ConfigError(f"{where} is null, expected {option.type}")
+    kind = option.type
+    if kind == "float" and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        value = float(value)  # PyYAML reads '1e-4' (no dot) as a string
+    if kind == "str_or_list" and isinstance(value, str) and "," in value:
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list),
+        "str_or_list": isinstance(value, (str, list)),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} has type {_type_name(value)}, expected {kind.replace('_', ' ')}")
+    if kind == "float":
+        value = float(value)
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{where} = {value!r} is not allowed{closest_key(str(value), option.choices)}; "
+                          f"allowed: {', '.join(map(str, option.choices))}")
+    return value
+
+
+def check_mapping(values: dict, schema: dict[str, Option], source: str) -> dict:
+    """Check every key of ``values`` against ``schema``; returns the coerced values."""
+    checked = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in schema:
+            raise ConfigError(f"{source}: unknown key '{key}'{closest_key(str(key), schema)}; "
+                              f"valid keys: {', '.join(schema)}")
+        checked[key] = check_value(schema[key], value, source)
+    return checked
+
+
+def load_yaml_file(path: str | Path, schema: dict[str, Option]) -> dict:
+    """Read one flat YAML config file and check it against ``schema``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a flat mapping of 'key: value' lines, found {_type_name(values)}")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: key '{key}' holds a nested mapping; configs are flat (one 'key: value' per line)")
+    return check_mapping(values, schema, str(path))
+
+
+def parse_overrides(args: Sequence[str], schema: dict[str, Option]) -> dict:
+    """``['--lr', '2e-4', '--depth=4']`` -> ``{'lr': 2e-4, 'depth': 4}`` (values read as YAML)."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument '{arg}'; expected --key value")
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in schema:
+            raise ConfigError(f"command line: unknown key '--{key}'{closest_key(key, schema)}; "
+                              f"valid keys: {', '.join(schema)}")
+        if not has_value:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _FLOAT_TEXT.match(args[i + 1])):
+                raise ConfigError(f"command line: key '--{key}' needs a value")
+            text = args[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        overrides[key] = check_value(schema[key], value, "command line")
+        i += 1
+    return overrides
+
+
+def defaults(schema: dict[str, Option]) -> dict:
+    return {name: option.default for name, option in schema.items()}
+
+
+def resolve(schema: dict[str, Option], config_path: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults, then the file, then the command line; every value checked."""
+    config = defaults(schema)
+    if config_path is not None:
+        config.update(load_yaml_file(config_path, schema))
+    config.update(parse_overrides(list(overrides), schema))
+    return config
+
+
+def parse_cli(argv: Sequence[str], schema: dict[str, Option], prog: str) -> tuple[dict, str | None]:
+    """Parse ``-c file.yaml --key value ...``; ``-h`` prints every key with its default and help.
+
+    Returns the resolved config and the config file path (or None).
+    """
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        raise SystemExit(usage(schema, prog))
+    config_path, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"command line: {argv[i]} needs a YAML file")
+            config_path = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("--config="):
+            config_path = argv[i].split("=", 1)[1]
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return resolve(schema, config_path, rest), config_path
+
+
+def usage(schema: dict[str, Option], prog: str) -> str:
+    lines = [f"usage: {prog} -c CONFIG.yaml [--key value ...]", "", "keys (default) - meaning:"]
+    for option in schema.values():
+        lines.append(f"  --{option.name} ({option.default!r}) - {option.help}")
+    return "\n".join(lines)
+
+
+def dump_yaml(config: dict) -> str:
+    """The resolved config as YAML text, keys in schema order."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+def save_resolved(config: dict, path: str | Path) -> None:
+    """Write the resolved config atomically (the run's record of what it ran with)."""
+    from common.checkpoint import atomic_write
+
+    text = dump_yaml(config)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def spec_overrides(config: dict) -> dict:
+    """The spec fields a train config sets (non-null), for ``build_spec``."""
+    return {name: config[name] for name in SPEC_OVERRIDE_TYPES if config.get(name) is not None}
+
+
+def check_train_config(config: dict, source: str = "config") -> None:
+    """Cross-key rules a schema alone cannot express."""
+    positive = ("max_steps", "global_batch_size", "grad_accum_steps", "diffusion_steps", "log_every", "ckpt_every",
+                "image_size", "sample_steps", "sample_per_class")
+    for key in positive:
+        if config[key] < 1:
+            raise ConfigError(f"{source}: key '{key}' = {config[key]} must be at least 1")
+    if config["lr"] <= 0:
+        raise ConfigError(f"{source}: key 'lr' = {config['lr']} must be positive")
+    if config["dataset"] in ("imagefolder", "latents") and not config["data_path"]:
+        raise ConfigError(f"{source}: dataset '{config['dataset']}' needs key 'data_path'")
+    if config["dataset"] == "latents" and config["image_size"] % 8:
+        raise ConfigError(f"{source}: key 'image_size' = {config['image_size']} must be a multiple of 8 for latents "
+                          "(the VAE downsamples by 8)")
+    if not 0.0 <= config["ema_decay"] <= 1.0:
+        raise ConfigError(f"{source}: key 'ema_decay' = {config['ema_decay']} must be in [0, 1]")
+
+
+def check_sample_config(config: dict, source: str = "config") -> None:
+    for key in ("num_per_class", "batch_size", "grid_upscale"):
+        if config[key] < 1:
+            raise ConfigError(f"{source}: key '{key}' = {config[key]} must be at least 1")
+    if config["num_sampling_steps"] is not None and config["num_sampling_steps"] < 1:
+        raise ConfigError(f"{source}: key 'num_sampling_steps' = {config['num_sampling_steps']} must be at least 1")
+    if config["cfg_scale"] < 1.0:
+        raise ConfigError(f"{source}: key 'cfg_scale' = {config['cfg_scale']} must be >= 1 (1 turns guidance off)")
+
+
+def batch_layout(global_batch_size: int, world_size: int, grad_accum_steps: int, source: str = "config") -> int:
+    """Images per micro-batch on one process; the global batch must split evenly."""
+    parts = world_size * grad_accum_steps
+    if global_batch_size % parts:
+        raise ConfigError(
+            f"{source}: key 'global_batch_size' = {global_batch_size} must be divisible by "
+            f"world_size ({world_size}) x grad_accum_steps ({grad_accum_steps}) = {parts}")
+    return global_batch_size // parts

@@ -1,0 +1,282 @@
+"""Training data as numpy: reading, ADM centre crop, flips, and the per-step index stream.
+
+Every source answers ``source[(index, flip)] -> (x [C, H, W] float32, label, skipped)``
+where ``skipped`` counts unreadable files passed over to produce this item, so
+the training loop can log them even when items are read in worker processes.
+
+The index stream (:class:`StepSampler`) is a pure function of (seed, step): step
+``s`` always gets the same images, on any number of processes, which is what
+makes ``--resume`` exact and lets DDP split one global batch across ranks.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scale (DiT, fast-DiT)
+LATENT_DOWNSAMPLE = 8
+MAX_CONSECUTIVE_BAD = 64  # this many unreadable files in a row means the data set is broken
+
+
+class DataError(ValueError):
+    """The data set cannot be used; the message names the path and what was expected."""
+
+
+class UnreadableItemWarning(UserWarning):
+    """One image or latent file could not be read and was skipped."""
+
+
+# ---- pixel transforms ------------------------------------------------------------------
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's centre crop: halve with BOX while large, resize BICUBIC so the short side is
+    ``image_size``, crop the centre square. Returns an [H, W, 3] uint8 array."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def uint8_to_model(arr_hwc: np.ndarray) -> np.ndarray:
+    """[H, W, C] uint8 -> [C, H, W] float32 in [-1, 1]."""
+    return (arr_hwc.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+# ---- sources -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def digits_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits, upscaled (bilinear) to ``image_size``.
+
+    Returns images [1797, 1, S, S] float32 in [-1, 1] and labels [1797] int64.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = digits.images.astype(np.float32) / 16.0  # 0..16 ink levels -> [0, 1]
+    if image_size != 8:
+        pixels = np.stack([
+            np.asarray(Image.fromarray(img, mode="F").resize((image_size, image_size), Image.BILINEAR))
+            for img in pixels
+        ])
+    images = np.clip(pixels, 0.0, 1.0) * 2.0 - 1.0
+    return images[:, None].astype(np.float32), digits.target.astype(np.int64)
+
+
+class DigitsSource:
+    """The embedded default: real 8x8 digits, 10 classes, one channel, in memory."""
+
+    def __init__(self, image_size: int):
+        if image_size < 8:
+            raise DataError(f"digits: image_size = {image_size}, expected at least 8 (the digits are 8x8)")
+        self.images, self.labels = digits_arrays(image_size)
+        self.num_classes, self.in_channels, self.class_names = 10, 1, list(DIGIT_NAMES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, flip = key
+        image = self.images[index]
+        return (image[:, :, ::-1].copy() if flip else image.copy()), int(self.labels[index]), 0
+
+
+def _warn_skip(path, err) -> None:
+    warnings.warn(f"skipping unreadable file {path}: {err}", UnreadableItemWarning, stacklevel=3)
+
+
+class ImageFolderSource:
+    """One sub-folder per class (sorted names -> label ids), ADM centre crop to ``image_size``.
+
+    An unreadable image is skipped with a warning; the next readable one takes its place.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"imagefolder: data_path '{root}' is not a folder")
+        self.class_names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        if not self.class_names:
+            raise DataError(f"imagefolder: '{root}' has no class sub-folders; expected one folder per class")
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.class_names):
+            for dirpath, _, files in sorted(os.walk(root / name)):
+                for file in sorted(files):
+                    if file.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, file), label))
+        if not self.samples:
+            raise DataError(f"imagefolder: no images with extensions {', '.join(IMAGE_EXTENSIONS)} under '{root}'")
+        self.root, self.image_size = root, image_size
+        self.num_classes, self.in_channels = len(self.class_names), 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        path = self.samples[index][0]
+        with Image.open(path) as image:
+            return uint8_to_model(center_crop_arr(image.convert("RGB"), self.image_size))
+
+    def __getitem__(self, key):
+        return _read_with_skips(self, key)
+
+
+def _read_with_skips(source, key):
+    """Read item ``index``; past unreadable files, take the next readable one."""
+    index, flip = key
+    n = len(source)
+    for skipped in range(min(n, MAX_CONSECUTIVE_BAD)):
+        i = (index + skipped) % n
+        try:
+            x = source.read(i)
+        except Exception as err:  # PIL, numpy and OS errors all mean "this file is bad"
+            _warn_skip(source.samples[i][0], err)
+            continue
+        if flip:
+            x = x[:, :, ::-1].copy()
+        return x, int(source.samples[i][1]), skipped
+    raise DataError(f"{source.root}: {min(n, MAX_CONSECUTIVE_BAD)} unreadable files in a row from "
+                    f"'{source.samples[index][0]}'; the data set looks broken, refusing to train on it")
+
+
+class LatentSource:
+    """Pre-extracted latents in the fast-DiT / PaddleMIX layout.
+
+    ``root`` holds ``<name>_features/`` and ``<name>_labels/`` (or ``features/`` and
+    ``labels/``) with one ``.npy`` per image under the same file name: features of
+    shape [4, h, w] or [1, 4, h, w] (already multiplied by 0.18215), labels a scalar
+    or [1]. Latents are not flipped here (fast-DiT flips at extraction time).
+    """
+
+    def __init__(self, root: str | os.PathLike, latent_size: int, num_classes: int | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"latents: data_path '{root}' is not a folder")
+        features = [d for d in root.iterdir() if d.is_dir() and (d.name == "features" or d.name.endswith("_features"))]
+        labels = [d for d in root.iterdir() if d.is_dir() and (d.name == "labels" or d.name.endswith("_labels"))]
+        if len(features) != 1 or len(labels) != 1:
+            raise DataError(f"latents: '{root}' must hold exactly one '*_features' and one '*_labels' folder, "
+                            f"found {[d.name for d in features + labels]}")
+        feature_files = {f.name for f in features[0].glob("*.npy")}
+        label_files = {f.name for f in labels[0].glob("*.npy")}
+        if not feature_files:
+            raise DataError(f"latents: no .npy files in '{features[0]}'")
+        if feature_files != label_files:
+            missing = sorted(feature_files ^ label_files)[:5]
+            raise DataError(f"latents: '{features[0].name}' and '{labels[0].name}' hold different file names "
+                            f"({len(feature_files)} vs {len(label_files)} files; e.g. {missing})")
+        names = sorted(feature_files, key=lambda s: (len(s), s))  # 2.npy before 10.npy
+        self.samples = [(str(features[0] / name), str(labels[0] / name)) for name in names]
+        self.root, self.latent_size, self.in_channels = root, latent_size, 4
+        self.num_classes = num_classes or self._count_classes()
+        self.class_names = None
+
+    def _count_classes(self) -> int:
+        top = max(int(np.load(label_path).reshape(-1)[0]) for _, label_path in self.samples)
+        return top + 1
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> np.ndarray:
+        x = np.load(self.samples[index][0]).astype(np.float32)
+        if x.ndim == 4 and x.shape[0] == 1:
+            x = x[0]
+        expected = (self.in_channels, self.latent_size, self.latent_size)
+        if x.shape != expected:
+            raise DataError(f"latent has shape {x.shape}, expected {expected}")
+        return x
+
+    def __getitem__(self, key):
+        index, _ = key
+        x, _, skipped = _read_with_skips(self, (index, False))
+        label_path = self.samples[(index + skipped) % len(self)][1]
+        return x, int(np.load(label_path).reshape(-1)[0]), skipped
+
+
+def build_source(config: dict):
+    """The data source a train config asks for."""
+    kind = config["dataset"]
+    if kind == "digits":
+        return DigitsSource(config["image_size"])
+    if kind == "imagefolder":
+        return ImageFolderSource(config["data_path"], config["image_size"])
+    if kind == "latents":
+        return LatentSource(config["data_path"], config["image_size"] // LATENT_DOWNSAMPLE, config.get("num_classes"))
+    raise DataError(f"unknown dataset '{kind}'")
+
+
+def model_input_size(config: dict) -> int:
+    """Side of the model's input grid: pixels, or latents (1/8 of the image side)."""
+    if config["dataset"] == "latents":
+        return config["image_size"] // LATENT_DOWNSAMPLE
+    return config["image_size"]
+
+
+# ---- the index stream ---------------------------------------------------------------------
+
+class StepSampler:
+    """Per-process micro-batches of ``(index, flip)`` keys, a pure function of (seed, step).
+
+    The data is walked as a concatenation of seeded per-epoch permutations. Step
+    ``s`` owns positions ``[s*G, (s+1)*G)`` of that stream (G = global batch);
+    rank r takes the r-th contiguous share, split into ``grad_accum_steps``
+    micro-batches. So any step can be reproduced without replaying earlier ones.
+    """
+
+    def __init__(self, num_items: int, global_batch_size: int, world_size: int = 1, rank: int = 0,
+                 grad_accum_steps: int = 1, seed: int = 0, random_flip: bool = False):
+        if num_items < 1:
+            raise DataError("the data set is empty; refusing to train on nothing")
+        parts = world_size * grad_accum_steps
+        if global_batch_size % parts:
+            raise DataError(f"global batch {global_batch_size} does not split into {world_size} processes x "
+                            f"{grad_accum_steps} accumulation steps")
+        self.n, self.global_batch, self.seed, self.random_flip = num_items, global_batch_size, seed, random_flip
+        self.world_size, self.rank, self.grad_accum_steps = world_size, rank, grad_accum_steps
+        self.micro_batch = global_batch_size // parts
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n)
+            flips = rng.random(self.n) < 0.5 if self.random_flip else np.zeros(self.n, dtype=bool)
+            self._epoch_cache = (epoch, order, flips)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def keys(self, start: int, count: int) -> list[tuple[int, bool]]:
+        """Keys at stream positions [start, start + count)."""
+        keys = []
+        for position in range(start, start + count):
+            order, flips = self._epoch(position // self.n)
+            i = position % self.n
+            keys.append((int(order[i]), bool(flips[i])))
+        return keys
+
+    def micro_batches(self, step: int) -> list[list[tuple[int, bool]]]:
+        """This process's ``grad_accum_steps`` micro-batches of optimizer step ``step``."""
+        base = step * self.global_batch + self.rank * self.micro_batch * self.grad_accum_steps
+        return [self.keys(base + j * self.micro_batch, self.micro_batch) for j in range(self.grad_accum_steps)]
+
+    def iter_from(self, step: int) -> Iterator[list[tuple[int, bool]]]:
+        """Every micro-batch from optimizer step ``step`` on (endless)."""
+        while True:
+            yield from self.micro_batches(step)
+            step += 1

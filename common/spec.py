@@ -1,0 +1,195 @@
+"""The DiR model spec: one dataclass every backend builds its network from.
+
+A spec is plain data (it round-trips through JSON and travels inside every
+checkpoint), so the same numbers describe the PyTorch, Paddle and MindSpore
+networks. Presets follow DiT's naming: ``DiR-S/2`` is 384 wide and 12 deep with
+2x2 patches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Numerical constants shared by every backend (changing one changes the model).
+LAYER_NORM_EPS = 1e-6  # DiT's adaLN LayerNorm (no affine parameters)
+GROUP_NORM_EPS = 64e-5  # RWKV-6 ln_x: 1e-5 * head_size_divisor**2 with divisor 8
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the t-MLP
+MAX_PERIOD = 10000
+
+POS_EMBED_CHOICES = ("none", "sincos", "learned")
+SCAN_CHOICES = ("causal", "bidirectional")
+CONDITION_CHOICES = ("class",)  # "text" (an RWKV language model over captions) comes next
+
+
+class SpecError(ValueError):
+    """A spec field has a value the model cannot be built with."""
+
+
+@dataclass(frozen=True)
+class DiRSpec:
+    input_size: int = 32  # side of the latent (or pixel) grid
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    head_size: int = 64
+    ffn_mult: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    pos_embed: str = "sincos"
+    scan: str = "bidirectional"
+    skip: bool = False
+    mix_lora_rank: int = 32  # tanh LoRA giving the five data-dependent token-shift mixes
+    decay_lora_rank: int = 64  # tanh LoRA giving the data-dependent decay
+    condition: str = "class"  # which condition embedder feeds c = t_emb + y_emb
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // self.head_size
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.hidden_size * self.ffn_mult
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks actually built: with skips, U-ViT's depth//2 in + 1 mid + depth//2 out."""
+        return 2 * (self.depth // 2) + 1 if self.skip else self.depth
+
+    @property
+    def num_in_blocks(self) -> int:
+        return self.depth // 2 if self.skip else 0
+
+    def is_out_block(self, index: int) -> bool:
+        """True for the blocks that fuse a long skip (only when ``skip``)."""
+        return self.skip and index > self.num_in_blocks
+
+    def skip_source(self, index: int) -> int:
+        """The in-block whose output out-block ``index`` fuses (U-ViT's stack order)."""
+        i = index - self.num_in_blocks - 1
+        return self.num_in_blocks - 1 - i
+
+    @property
+    def has_null_class(self) -> bool:
+        """DiT keeps an extra "null" label row only when labels are dropped in training."""
+        return self.class_dropout_prob > 0
+
+    # ---- (de)serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "spec") -> "DiRSpec":
+        _reject_unknown(values, source)
+        return validate(cls(**values))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "spec") -> "DiRSpec":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{source}: spec is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise SpecError(f"{source}: spec must be a JSON object, found {type(values).__name__}")
+        return cls.from_dict(values, source)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DiRSpec))
+
+_WIDTHS = {"S": (384, 12), "B": (768, 12), "L": (1024, 24), "XL": (1152, 28)}
+PRESETS: dict[str, dict[str, Any]] = {
+    f"DiR-{size}/{patch}": {"hidden_size": width, "depth": depth, "patch_size": patch}
+    for size, (width, depth) in _WIDTHS.items()
+    for patch in (2, 4, 8)
+}
+# Small enough to train on a 2-core CPU in minutes; the digits demo and tests use it.
+PRESETS["DiR-Tiny/2"] = {
+    "hidden_size": 128, "depth": 6, "patch_size": 2, "head_size": 32,
+    "mix_lora_rank": 16, "decay_lora_rank": 32,
+}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _reject_unknown(values: dict[str, Any], source: str) -> None:
+    for key in values:
+        if key not in FIELD_NAMES:
+            raise SpecError(
+                f"{source}: unknown spec field '{key}'{_closest(key, FIELD_NAMES)}; "
+                f"valid fields: {', '.join(FIELD_NAMES)}"
+            )
+
+
+def build_spec(model: str, **overrides: Any) -> DiRSpec:
+    """A preset by name (``"DiR-S/2"``) with any field overridden."""
+    if model not in PRESETS:
+        raise SpecError(
+            f"unknown model preset '{model}'{_closest(model, PRESETS)}; "
+            f"allowed: {', '.join(PRESETS)}"
+        )
+    _reject_unknown(overrides, f"overrides of {model}")
+    return validate(DiRSpec(**{**PRESETS[model], **overrides}))
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise SpecError(f"spec field '{name}' = {value!r}: {allowed}")
+
+
+def validate(spec: DiRSpec) -> DiRSpec:
+    """Return ``spec`` unchanged, or raise SpecError naming the field, value and rule."""
+    types = {f.name: f.type for f in dataclasses.fields(DiRSpec)}
+    for name in FIELD_NAMES:
+        value = getattr(spec, name)
+        kind = types[name]
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            _fail(name, value, "must be an integer")
+        if kind == "bool" and not isinstance(value, bool):
+            _fail(name, value, "must be true or false")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            _fail(name, value, "must be a number")
+        if kind == "str" and not isinstance(value, str):
+            _fail(name, value, "must be a string")
+    for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth",
+                 "head_size", "ffn_mult", "num_classes", "mix_lora_rank", "decay_lora_rank"):
+        if getattr(spec, name) < 1:
+            _fail(name, getattr(spec, name), "must be at least 1")
+    if spec.input_size % spec.patch_size:
+        _fail("input_size", spec.input_size, f"must be a multiple of patch_size ({spec.patch_size})")
+    if spec.hidden_size % spec.head_size:
+        _fail("hidden_size", spec.hidden_size, f"must be a multiple of head_size ({spec.head_size})")
+    if not 0.0 <= spec.class_dropout_prob < 1.0:
+        _fail("class_dropout_prob", spec.class_dropout_prob, "must be in [0, 1)")
+    if spec.pos_embed not in POS_EMBED_CHOICES:
+        _fail("pos_embed", spec.pos_embed, f"allowed: {', '.join(POS_EMBED_CHOICES)}")
+    if spec.scan not in SCAN_CHOICES:
+        _fail("scan", spec.scan, f"allowed: {', '.join(SCAN_CHOICES)}")
+    if spec.condition not in CONDITION_CHOICES:
+        _fail("condition", spec.condition, f"allowed: {', '.join(CONDITION_CHOICES)}")
+    if spec.skip and spec.depth < 2:
+        _fail("depth", spec.depth, "long skips need depth >= 2 (depth//2 in-blocks, a mid block, depth//2 out-blocks)")
+    if spec.pos_embed == "sincos" and spec.hidden_size % 4:
+        _fail("hidden_size", spec.hidden_size, "must be a multiple of 4 for 2-D sin-cos position embeddings")
+    return spec

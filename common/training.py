@@ -1,0 +1,260 @@
+"""Training bookkeeping shared by every backend: schedules, run-folder layout, resume, logs.
+
+Nothing here touches tensors; a backend's train.py calls these and does the math.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+from common.checkpoint import CheckpointError, atomic_write
+
+CHECKPOINT_PATTERN = re.compile(r"^(\d{7,})\.(pt|pdparams|ckpt)$")
+
+
+# ---- schedules -------------------------------------------------------------------------------
+
+def learning_rate(step: int, config: dict) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
+    peak, warmup, total = config["lr"], config["warmup_steps"], config["max_steps"]
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if config["lr_schedule"] == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return config["min_lr"] + 0.5 * (peak - config["min_lr"]) * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(step: int, config: dict) -> float:
+    """EMA decay for the update after optimizer step ``step`` (0-based).
+
+    With ``ema_warmup`` the decay ramps as (1+step)/(10+step) so a short run's EMA
+    follows the model early on instead of averaging in the random init.
+    """
+    decay = config["ema_decay"]
+    if config["ema_warmup"]:
+        decay = min(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+# ---- run folder ------------------------------------------------------------------------------
+
+class RunLayout:
+    """Where a run writes: ``run_dir/{config.yaml, log.jsonl, tensorboard/, checkpoints/, samples/}``."""
+
+    def __init__(self, run_dir: str | Path, extension: str = "pt"):
+        self.root = Path(run_dir)
+        self.extension = extension
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "loss.png"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{step:07d}.{self.extension}"
+
+    def grid(self, step: int) -> Path:
+        return self.samples / f"{step:07d}.png"
+
+
+def list_checkpoints(folder: str | Path, extension: str | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint in ``folder``, oldest first.
+
+    Temp files of an interrupted write (``.0001000.pt.xxxx.tmp``) never match.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (extension is None or match.group(2) == extension) and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path, extension: str | None = None) -> Path | None:
+    found = list_checkpoints(RunLayout(run_dir).checkpoints, extension)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path, extension: str) -> Path | None:
+    """The checkpoint ``--resume`` points at: None, ``auto`` (latest in run_dir, if any) or a path."""
+    if resume is None or resume == "":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir, extension)
+    path = Path(resume)
+    if path.is_dir():
+        return find_checkpoint(path, (extension,))
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint '{path}' not found")
+    return path
+
+
+def find_checkpoint(path: str | Path, extensions: tuple[str, ...]) -> Path:
+    """A checkpoint file from a file path or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for folder in (RunLayout(path).checkpoints, path):
+            found = [item for item in list_checkpoints(folder) if item[1].suffix.lstrip(".") in extensions]
+            if found:
+                return found[-1][1]
+        raise CheckpointError(f"'{path}' is a folder without checkpoints (*.{' / *.'.join(extensions)}) "
+                              f"in it or in its checkpoints/ folder")
+    raise CheckpointError(f"checkpoint '{path}' not found")
+
+
+# ---- logging ----------------------------------------------------------------------------------
+
+class TensorBoardScalars:
+    """Scalar logging straight through the ``tensorboard`` package (no framework needed)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = Event, Summary
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(logdir))
+
+    def add(self, step: int, values: dict) -> None:
+        summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self._writer.add_event(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
+class RunLogger:
+    """JSONL log (one object per line) plus TensorBoard scalars when tensorboard is installed.
+
+    Only rank 0 should build one. A resumed run appends to the same log.
+    """
+
+    def __init__(self, layout: RunLayout, use_tensorboard: bool = True):
+        layout.root.mkdir(parents=True, exist_ok=True)
+        self.path = layout.log
+        self._file = open(self.path, "a", buffering=1)
+        self.tensorboard = None
+        if use_tensorboard:
+            try:
+                self.tensorboard = TensorBoardScalars(layout.tensorboard)
+            except ImportError:
+                self.tensorboard = None
+
+    def event(self, kind: str, **fields) -> None:
+        """A non-metric record (run start, resume, checkpoint written, warnings)."""
+        self._file.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def metrics(self, step: int, values: dict) -> None:
+        self._file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in values.items()}}) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.add(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _plain(value):
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def read_metrics(log_path: str | Path) -> list[dict]:
+    """Metric rows (those with a 'step') of a JSONL log, last value per step (resume overlaps)."""
+    rows: dict[int, dict] = {}
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if "step" in row and "loss" in row:
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> bool:
+    """Loss (and its running mean) against step as a PNG; False when there is nothing to plot."""
+    rows = read_metrics(log_path)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in rows]
+    losses = [row["loss"] for row in rows]
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axis.plot(steps, losses, lw=1, label="loss (mean over log interval)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return True
+
+
+class Throughput:
+    """Images per second over the current log interval."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+
+def describe_batch(config: dict, world_size: int, micro_batch: int) -> str:
+    """The log line that states the per-process and global batch."""
+    per_process = micro_batch * config["grad_accum_steps"]
+    return (f"world_size={world_size} micro_batch_per_process={micro_batch} grad_accum_steps={config['grad_accum_steps']} "
+            f"batch_per_process={per_process} global_batch={per_process * world_size}")
+
+
+def grid_classes(num_classes: int, per_class: int, max_classes: int = 10) -> list[int]:
+    """Labels for the training sample grid: the first classes, ``per_class`` each, row-major."""
+    classes = list(range(min(num_classes, max_classes)))
+    return [c for c in classes for _ in range(per_class)]

@@ -1,0 +1,32 @@
+"""Shared test set-up: thread counts first (torch slows badly when cores are oversubscribed)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code_or_args, *, env_extra=None, timeout=600, cwd=REPO_ROOT):
+    """Run a fresh interpreter from the repo root (one framework per process).
+
+    ``code_or_args`` is a list of arguments after ``python`` (for example
+    ``["-m", "backends.torch.train", ...]``). Raises with the child's output on failure.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"python {' '.join(map(str, code_or_args))} failed ({proc.returncode}):\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def repo_root():
+    return REPO_ROOT
