@@ -133,6 +133,9 @@ class ImageFolderSource:
         with Image.open(path) as image:
             return uint8_to_model(center_crop_arr(image.convert("RGB"), self.image_size))
 
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
     def __getitem__(self, key):
         return _read_with_skips(self, key)
 
@@ -150,7 +153,7 @@ def _read_with_skips(source, key):
             continue
         if flip:
             x = x[:, :, ::-1].copy()
-        return x, int(source.samples[i][1]), skipped
+        return x, source.label(i), skipped
     raise DataError(f"{source.root}: {min(n, MAX_CONSECUTIVE_BAD)} unreadable files in a row from "
                     f"'{source.samples[index][0]}'; the data set looks broken, refusing to train on it")
 
@@ -188,8 +191,7 @@ class LatentSource:
         self.class_names = None
 
     def _count_classes(self) -> int:
-        top = max(int(np.load(label_path).reshape(-1)[0]) for _, label_path in self.samples)
-        return top + 1
+        return max(self.label(i) for i in range(len(self.samples))) + 1
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -203,11 +205,12 @@ class LatentSource:
             raise DataError(f"latent has shape {x.shape}, expected {expected}")
         return x
 
+    def label(self, index: int) -> int:
+        return int(np.load(self.samples[index][1]).reshape(-1)[0])
+
     def __getitem__(self, key):
         index, _ = key
-        x, _, skipped = _read_with_skips(self, (index, False))
-        label_path = self.samples[(index + skipped) % len(self)][1]
-        return x, int(np.load(label_path).reshape(-1)[0]), skipped
+        return _read_with_skips(self, (index, False))
 
 
 def build_source(config: dict):

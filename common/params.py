@@ -46,7 +46,6 @@ def _block(spec: DiRSpec, i: int):
     p = f"blocks.{i}"
     if spec.is_out_block(i):
         yield from _linear(f"{p}.skip_linear", d, 2 * d)
-    yield from _linear(f"{p}.adaLN_modulation.1", 6 * d, d, init="zeros")
     a = f"{p}.att"
     for branch in ("x", "w", "k", "v", "r", "g"):
         yield ParamInfo(f"{a}.time_maa_{branch}", (d,), "rwkv6", TENSOR, i)
@@ -66,25 +65,27 @@ def _block(spec: DiRSpec, i: int):
     yield from _linear(f"{c}.key", f, d, bias=False)
     yield from _linear(f"{c}.receptance", d, d, bias=False)
     yield from _linear(f"{c}.value", d, f, bias=False)
+    yield from _linear(f"{p}.adaLN_modulation.1", 6 * d, d, init="zeros")
 
 
 def parameter_table(spec: DiRSpec) -> list[ParamInfo]:
     """Every parameter of the model built from ``spec``, in canonical order."""
     d, p = spec.hidden_size, spec.patch_size
-    table = [
+    table = []
+    if spec.pos_embed == "learned":  # first: frameworks list a model's own parameters before its children's
+        table.append(ParamInfo("pos_embed", (1, spec.num_patches, d), "sincos", TENSOR))
+    table += [
         ParamInfo("x_embedder.proj.weight", (d, spec.in_channels, p, p), "xavier_uniform", CONV_WEIGHT),
         ParamInfo("x_embedder.proj.bias", (d,), "zeros", LINEAR_BIAS),
     ]
-    if spec.pos_embed == "learned":
-        table.append(ParamInfo("pos_embed", (1, spec.num_patches, d), "sincos", TENSOR))
     table += _linear("t_embedder.mlp.0", d, FREQUENCY_EMBEDDING_SIZE, init="normal_0.02")
     table += _linear("t_embedder.mlp.2", d, d, init="normal_0.02")
     rows = spec.num_classes + int(spec.has_null_class)
     table.append(ParamInfo("y_embedder.embedding_table.weight", (rows, d), "normal_0.02", EMBEDDING))
     for i in range(spec.num_blocks):
         table += _block(spec, i)
-    table += _linear("final_layer.adaLN_modulation.1", 2 * d, d, init="zeros")
     table += _linear("final_layer.linear", p * p * spec.out_channels, d, init="zeros")
+    table += _linear("final_layer.adaLN_modulation.1", 2 * d, d, init="zeros")
     return table
 
 

@@ -11,8 +11,47 @@ import time
 from pathlib import Path
 
 from common.checkpoint import CheckpointError, atomic_write
+from common.config import ConfigError, spec_overrides
+from common.data import model_input_size
+from common.spec import DiRSpec, SpecError, build_spec
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7,})\.(pt|pdparams|ckpt)$")
+# What every backend's training checkpoint holds (the converter reads 'model', 'ema', 'spec').
+TRAIN_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "config", "spec")
+
+
+def model_spec(config: dict, source, source_name: str = "config") -> DiRSpec:
+    """The spec a train config asks for: preset + overrides, sized to the data."""
+    overrides = spec_overrides(config)
+    num_classes = overrides.setdefault("num_classes", source.num_classes)
+    if num_classes < source.num_classes:
+        raise ConfigError(f"{source_name}: key 'num_classes' = {num_classes} but the data has "
+                          f"{source.num_classes} classes")
+    try:
+        return build_spec(config["model"], input_size=model_input_size(config),
+                          in_channels=source.in_channels, **overrides)
+    except SpecError as err:
+        raise ConfigError(f"{source_name}: {err}") from None
+
+
+def check_train_checkpoint(checkpoint, path, spec: DiRSpec | None = None) -> DiRSpec:
+    """Check a loaded training checkpoint's layout (and its spec against ``spec``); returns its spec."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict with keys {', '.join(TRAIN_CHECKPOINT_KEYS)}, "
+                              f"found {type(checkpoint).__name__}")
+    missing = [key for key in TRAIN_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: missing keys {missing}; a DiR training checkpoint holds "
+                              f"{', '.join(TRAIN_CHECKPOINT_KEYS)}")
+    try:
+        saved = DiRSpec.from_dict(dict(checkpoint["spec"]), source=str(path))
+    except (SpecError, TypeError) as err:
+        raise CheckpointError(f"{path}: bad 'spec' ({err})") from None
+    if spec is not None and saved != spec:
+        diffs = {k: (v, getattr(spec, k)) for k, v in saved.to_dict().items() if getattr(spec, k) != v}
+        raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
+                              + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items()))
+    return saved
 
 
 # ---- schedules -------------------------------------------------------------------------------
@@ -175,7 +214,7 @@ class RunLogger:
         self._file.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
 
     def metrics(self, step: int, values: dict) -> None:
-        self._file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in values.items()}}) + "\n")
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.add(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
 
@@ -183,10 +222,6 @@ class RunLogger:
         self._file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-def _plain(value):
-    return round(value, 6) if isinstance(value, float) else value
 
 
 def read_metrics(log_path: str | Path) -> list[dict]:

@@ -64,7 +64,7 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t))
+        return self.mlp(self.timestep_embedding(t).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -27,6 +27,7 @@ CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 # Largest |exponent| a factorised product may carry: exp(30) ~ 1e13 keeps fp32 far from
 # overflow and its reciprocal far from the denormals.
+LOG_DECAY_FLOOR = -1e4
 MAX_FACTORISED_EXPONENT = {torch.float32: 30.0, torch.float64: 300.0}
 
 
@@ -73,14 +74,19 @@ def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
 
 
-def _pairwise_scores(r, k, w, decay_before):
-    """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token."""
+def _pairwise_scores(r, k, w):
+    """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token.
+
+    The exponent w_{s+1} + ... + w_{t-1} is summed directly (a 0/1 matrix times w), not
+    taken as a difference of cumulative sums, so a strong decay early in the sub-chunk
+    cannot cancel away the precision of the mild ones after it.
+    """
     size = r.shape[-2]
-    earlier = torch.ones(size, size, dtype=torch.bool, device=r.device).tril(-1)  # [t, s]: s < t
-    exponent = decay_before[..., :, None, :] - (decay_before + w)[..., None, :, :]
-    exponent = exponent.masked_fill(~earlier[..., None], 0.0).clamp(max=0.0)
+    idx = torch.arange(size, device=r.device)
+    between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])  # [t, s, m]
+    exponent = torch.einsum("tsm,...mk->...tsk", between.to(w.dtype), w)  # <= 0
     scores = (r[..., :, None, :] * k[..., None, :, :] * torch.exp(exponent)).sum(-1)
-    return scores * earlier.to(r.dtype)
+    return scores * torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
 
 
 def _factorisable(w, decay_before) -> bool:
@@ -101,7 +107,7 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
         # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
         return ((r * torch.exp(decay_before)) @ (k * torch.exp(-(decay_before + w))).transpose(-1, -2)) * earlier
     if size <= sub_chunk_size:
-        return _pairwise_scores(r, k, w, decay_before)
+        return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
     lead = r.shape[:-2]
@@ -166,6 +172,9 @@ def _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
     batch = r.shape[0]
     # [B, T, H, K] -> [B, H, T, K]
     r, k, v, w = (x.to(compute).transpose(1, 2) for x in (r, k, v, w))
+    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+    w = w.clamp(min=LOG_DECAY_FLOOR)
     u = u.to(compute)
     if bidirectional:  # both directions in one batched call
         flip = lambda x: torch.cat([x, x.flip(2)], dim=0)  # noqa: E731

@@ -1,0 +1,278 @@
+"""DiR: DiT's diffusion backbone with RWKV-6 blocks, in PaddlePaddle.
+
+Shapes: N images, T = (input_size / patch_size)**2 tokens, D = hidden_size,
+H heads of K = head_size channels. Parameter names equal the canonical names of
+``common/params.py``; weights are loaded from (and exported to) that table through
+``common/param_mapping.py`` (Paddle's Linear weight is [in, out], the transpose of
+the canonical layout; nothing else differs), so init is the numpy init shared by
+every backend, not Paddle's.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from backends.paddle.wkv import wkv6
+from common.params import check_state, init_canonical, sincos_pos_embed_2d
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [N, T, D]; shift, scale [N, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def token_shift(x, bidirectional: bool):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+
+    x [N, T, D]; tokens past either end are zero.
+    """
+    zero = paddle.zeros_like(x[:, :1])
+    previous = paddle.concat([zero, x[:, :-1]], axis=1)
+    if not bidirectional:
+        return previous
+    following = paddle.concat([x[:, 1:], zero], axis=1)
+    return 0.5 * (previous + following)
+
+
+def _zeros_parameter(layer: nn.Layer, shape):
+    return layer.create_parameter(shape=list(shape), dtype="float32",
+                                  default_initializer=nn.initializer.Constant(0.0))
+
+
+class PatchEmbed(nn.Layer):
+    """[N, C, H, W] -> [N, T, D] by a stride-p convolution."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.proj = nn.Conv2D(spec.in_channels, spec.hidden_size, spec.patch_size, stride=spec.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose([0, 2, 1])
+
+
+class TimestepEmbedder(nn.Layer):
+    """Scalar timesteps [N] -> [N, D]: sinusoidal features, then an MLP."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.Silu(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def timestep_embedding(t, dim: int = FREQUENCY_EMBEDDING_SIZE):
+        half = dim // 2
+        freqs = paddle.exp(-math.log(MAX_PERIOD) * paddle.arange(half, dtype="float32") / half)
+        args = t.astype("float32")[:, None] * freqs[None]
+        return paddle.concat([paddle.cos(args), paddle.sin(args)], axis=-1)
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t))
+
+
+class LabelEmbedder(nn.Layer):
+    """Class labels [N] -> [N, D]; in training a label becomes the null class
+    (id ``num_classes``) with probability ``dropout_prob``, for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop = paddle.rand([labels.shape[0]]) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return paddle.where(drop, paddle.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train: bool, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class TimeMix(nn.Layer):
+    """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
+
+    [N, T, D] -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d = spec.hidden_size
+        self.num_heads, self.head_size = spec.num_heads, spec.head_size
+        self.bidirectional = spec.scan == "bidirectional"
+        for branch in ("x", "w", "k", "v", "r", "g"):
+            setattr(self, f"time_maa_{branch}", _zeros_parameter(self, [d]))
+        self.time_maa_w1 = _zeros_parameter(self, [d, 5 * spec.mix_lora_rank])
+        self.time_maa_w2 = _zeros_parameter(self, [5, spec.mix_lora_rank, d])
+        self.time_decay = _zeros_parameter(self, [d])
+        self.time_decay_w1 = _zeros_parameter(self, [d, spec.decay_lora_rank])
+        self.time_decay_w2 = _zeros_parameter(self, [spec.decay_lora_rank, d])
+        self.time_faaaa = _zeros_parameter(self, [spec.num_heads, spec.head_size])
+        self.receptance = nn.Linear(d, d, bias_attr=False)
+        self.key = nn.Linear(d, d, bias_attr=False)
+        self.value = nn.Linear(d, d, bias_attr=False)
+        self.gate = nn.Linear(d, d, bias_attr=False)
+        self.output = nn.Linear(d, d, bias_attr=False)
+        self.ln_x = nn.GroupNorm(spec.num_heads, d, epsilon=GROUP_NORM_EPS)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        delta = token_shift(x, self.bidirectional) - x
+        mixed = x + delta * self.time_maa_x
+        lora = paddle.tanh(mixed @ self.time_maa_w1).reshape([n * t, 5, -1]).transpose([1, 0, 2])  # [5, NT, R]
+        mw, mk, mv, mr, mg = paddle.bmm(lora, self.time_maa_w2).reshape([5, n, t, d]).unbind(0)
+        xw = x + delta * (self.time_maa_w + mw)
+        xk = x + delta * (self.time_maa_k + mk)
+        xv = x + delta * (self.time_maa_v + mv)
+        xr = x + delta * (self.time_maa_r + mr)
+        xg = x + delta * (self.time_maa_g + mg)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = F.silu(self.gate(xg))
+        log_decay = -paddle.exp(self.time_decay + paddle.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        heads = [n, t, self.num_heads, self.head_size]
+        y = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), log_decay.reshape(heads), self.time_faaaa,
+                 bidirectional=self.bidirectional)
+        y = self.ln_x(y.reshape([n * t, d])).reshape([n, t, d])
+        return self.output(y * g)
+
+
+class ChannelMix(nn.Layer):
+    """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, f = spec.hidden_size, spec.ffn_hidden_size
+        self.bidirectional = spec.scan == "bidirectional"
+        self.time_maa_k = _zeros_parameter(self, [d])
+        self.time_maa_r = _zeros_parameter(self, [d])
+        self.key = nn.Linear(d, f, bias_attr=False)
+        self.receptance = nn.Linear(d, d, bias_attr=False)
+        self.value = nn.Linear(f, d, bias_attr=False)
+
+    def forward(self, x):
+        delta = token_shift(x, self.bidirectional) - x
+        k = F.relu(self.key(x + delta * self.time_maa_k)) ** 2
+        return F.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
+
+
+class DiRBlock(nn.Layer):
+    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+        super().__init__()
+        d = spec.hidden_size
+        self.skip_linear = nn.Linear(2 * d, d) if fuses_skip else None
+        self.norm1 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
+        self.att = TimeMix(spec)
+        self.norm2 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
+        self.ffn = ChannelMix(spec)
+        self.adaLN_modulation = nn.Sequential(nn.Silu(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(paddle.concat([x, skip], axis=-1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, axis=1)
+        x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Layer):
+    """[N, T, D] -> [N, T, p*p*out_channels], adaLN-modulated."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, p = spec.hidden_size, spec.patch_size
+        self.norm_final = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
+        self.linear = nn.Linear(d, p * p * spec.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.Silu(), nn.Linear(d, 2 * d))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, axis=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiR(nn.Layer):
+    """Diffusion RWKV: noisy images x [N, C, H, W], timesteps t [N], labels y [N]
+    -> [N, out_channels, H, W] (eps, then the variance interpolation when learn_sigma)."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.spec = spec
+        self.x_embedder = PatchEmbed(spec)
+        if spec.pos_embed == "learned":
+            self.pos_embed = _zeros_parameter(self, [1, spec.num_patches, spec.hidden_size])
+        elif spec.pos_embed == "sincos":  # fixed, so not a parameter and not in checkpoints
+            table = paddle.to_tensor(sincos_pos_embed_2d(spec.hidden_size, spec.grid_size)[None])
+            self.register_buffer("pos_embed", table, persistable=False)
+        else:
+            self.pos_embed = None
+        self.t_embedder = TimestepEmbedder(spec.hidden_size)
+        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        self.blocks = nn.LayerList([DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks)])
+        self.final_layer = FinalLayer(spec)
+
+    @classmethod
+    def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
+        """A model with the shared numpy init of ``common/params.py``."""
+        model = cls(spec)
+        model.load_canonical(init_canonical(spec, seed))
+        return model
+
+    def load_canonical(self, state: dict[str, np.ndarray]) -> None:
+        """Copy canonical numpy weights in (checked name by name and shape by shape)."""
+        from common.param_mapping import to_framework
+
+        check_state(state, self.spec)
+        own = dict(self.named_parameters())
+        with paddle.no_grad():
+            for name, value in to_framework("paddle", state, self.spec).items():
+                own[name].set_value(np.ascontiguousarray(value, dtype=np.float32))
+
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """Weights as float32 numpy arrays in canonical names and order."""
+        from common.param_mapping import from_framework
+
+        own = {name: p.detach().astype("float32").numpy() for name, p in self.named_parameters()}
+        return from_framework("paddle", own, self.spec)
+
+    def unpatchify(self, x):
+        """[N, T, p*p*C] -> [N, C, H, W]."""
+        c, p, h = self.spec.out_channels, self.spec.patch_size, self.spec.grid_size
+        x = x.reshape([x.shape[0], h, h, p, p, c])
+        return x.transpose([0, 5, 1, 3, 2, 4]).reshape([x.shape[0], c, h * p, h * p])
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        in_block_outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, in_block_outputs.pop() if self.spec.is_out_block(i) else None)
+            if i < self.spec.num_in_blocks:
+                in_block_outputs.append(x)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float):
+        """Classifier-free guidance on a doubled batch: the first half of ``y`` holds the
+        classes, the second half the null class; both halves get the guided eps."""
+        if not self.spec.has_null_class:
+            raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
+        half = x[: x.shape[0] // 2]
+        out = self.forward(paddle.concat([half, half], axis=0), t, y)
+        eps, rest = out[:, : self.spec.in_channels], out[:, self.spec.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2, axis=0)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return paddle.concat([paddle.concat([guided, guided], axis=0), rest], axis=1)

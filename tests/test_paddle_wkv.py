@@ -1,0 +1,130 @@
+"""The Paddle chunked WKV6 against the plain sequential recurrence (values and all gradients).
+
+The same cases as tests/test_torch_wkv.py, with inputs drawn from numpy (Paddle has no
+generator objects); the longest sequence is shorter because Paddle's eager loop of the
+reference costs more per step.
+"""
+import numpy as np
+import pytest
+
+paddle = pytest.importorskip("paddle")
+
+from backends.paddle.wkv import wkv6, wkv6_reference  # noqa: E402
+
+pytestmark = pytest.mark.paddle
+
+
+def make_inputs(length, dtype, decay="mixed", batch=2, heads=2, size=8, seed=0):
+    """r, k, v, log-decay w, bonus u as numpy arrays (see tests/test_torch_wkv.py for ``decay``)."""
+    gen = np.random.default_rng(seed)
+    shape = (batch, length, heads, size)
+    r, k, v = (gen.standard_normal(shape) for _ in range(3))
+    if decay == "init":
+        w = -np.exp(gen.random(shape) * 5 - 6)
+    elif decay == "mixed":
+        w = -np.exp(gen.standard_normal(shape) * 2)
+    else:
+        w = -np.exp(gen.standard_normal(shape) * 6)
+        w[:, ::5] = -1e6
+        w[:, 3::11] = -np.inf
+    u = gen.standard_normal((heads, size))
+    return [x.astype(dtype) for x in (r, k, v, w, u)]
+
+
+def tensors(arrays, grad=False):
+    out = []
+    for a in arrays:
+        t = paddle.to_tensor(a)
+        t.stop_gradient = not grad
+        out.append(t)
+    return out
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
+
+
+def grads_of(out, inputs, grad_out):
+    """All input gradients; one that does not reach the output (w at T = 1) is zero."""
+    grads = paddle.grad([out], inputs, [grad_out], allow_unused=True)
+    return [np.zeros(x.shape) if g is None else g.numpy() for x, g in zip(inputs, grads)]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 64, 257])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_chunked_matches_reference_values_and_gradients(length, bidirectional, dtype, tol):
+    decays = ["mixed", "init"] if length <= 64 else ["mixed"]
+    for decay in decays:
+        arrays = make_inputs(length, dtype, decay, batch=1 if length > 64 else 2)
+        grad_out = paddle.to_tensor(np.random.default_rng(1).standard_normal(arrays[0].shape).astype(dtype))
+        inputs = tensors(arrays, grad=True)
+        fast = wkv6(*inputs, bidirectional=bidirectional)
+        fast_grads = grads_of(fast, inputs, grad_out)
+        inputs = tensors(arrays, grad=True)
+        ref = wkv6_reference(*inputs, bidirectional=bidirectional)
+        ref_grads = grads_of(ref, inputs, grad_out)
+        assert fast.dtype == inputs[0].dtype and fast.shape == ref.shape
+        assert rel(fast.numpy(), ref.numpy()) < tol, decay
+        for name, a, b in zip("rkvwu", fast_grads, ref_grads):
+            assert rel(a, b) < tol, (decay, name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_extreme_decays_stay_finite_and_exact(bidirectional, dtype, tol):
+    arrays = make_inputs(100, dtype, "extreme")
+    inputs = tensors(arrays, grad=True)
+    fast = wkv6(*inputs, bidirectional=bidirectional)
+    grads = [g.numpy() for g in paddle.grad([fast.square().sum()], inputs)]
+    ref_inputs = tensors(arrays, grad=True)
+    ref = wkv6_reference(*ref_inputs, bidirectional=bidirectional)
+    ref_grads = [g.numpy() for g in paddle.grad([ref.square().sum()], ref_inputs)]
+    assert np.isfinite(fast.numpy()).all()
+    assert rel(fast.numpy(), ref.numpy()) < tol
+    for name, i in zip("rkvu", (0, 1, 2, 4)):
+        assert np.isfinite(grads[i]).all() and rel(grads[i], ref_grads[i]) < tol, name
+    finite = np.isfinite(arrays[3])  # d/dw at w = -inf is not defined; elsewhere it must agree
+    assert np.isfinite(grads[3][finite]).all()
+    assert rel(grads[3][finite], ref_grads[3][finite]) < tol
+
+
+@pytest.mark.parametrize("chunk_size,sub_chunk_size", [(16, 4), (32, 8), (64, 16), (128, 16)])
+def test_every_chunking_gives_the_same_result(chunk_size, sub_chunk_size):
+    inputs = tensors(make_inputs(150, np.float64, "mixed"))
+    ref = wkv6_reference(*inputs, bidirectional=True)
+    out = wkv6(*inputs, bidirectional=True, chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+    assert rel(out.numpy(), ref.numpy()) < 1e-12
+
+
+def test_causal_output_ignores_the_future_and_bidirectional_does_not():
+    r, k, v, w, u = make_inputs(96, np.float64, "init", batch=1)
+    cut = 40
+    gen = np.random.default_rng(7)
+    r2, k2, v2 = r.copy(), k.copy(), v.copy()
+    for x in (r2, k2, v2):
+        x[:, cut + 1:] = gen.standard_normal(x[:, cut + 1:].shape)
+    a, b = tensors([r, k, v, w, u]), tensors([r2, k2, v2, w, u])
+    causal_a, causal_b = wkv6(*a).numpy(), wkv6(*b).numpy()
+    np.testing.assert_allclose(causal_a[:, : cut + 1], causal_b[:, : cut + 1], rtol=0, atol=1e-12)
+    assert np.abs(causal_a[:, cut + 1:] - causal_b[:, cut + 1:]).max() > 1e-3
+    bi_a, bi_b = wkv6(*a, bidirectional=True).numpy(), wkv6(*b, bidirectional=True).numpy()
+    assert np.abs(bi_a[:, :cut] - bi_b[:, :cut]).max() > 1e-3
+
+
+def test_bidirectional_counts_the_bonus_once():
+    r, k, v, w, u = make_inputs(1, np.float64)
+    expected = (r * u * k).sum(-1, keepdims=True) * v  # one token: only the bonus term
+    inputs = tensors([r, k, v, w, u])
+    np.testing.assert_allclose(wkv6(*inputs, bidirectional=True).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(wkv6_reference(*inputs, bidirectional=True).numpy(), expected, rtol=1e-12)
+
+
+def test_low_precision_inputs_keep_an_fp32_state():
+    arrays = make_inputs(130, np.float32, "init")
+    ref = wkv6_reference(*tensors(arrays)).numpy()
+    out = wkv6(*(t.astype("float16") for t in tensors(arrays)))  # Paddle's CPU has no bf16 kernels
+    assert out.dtype == paddle.float16
+    assert rel(out.astype("float32").numpy(), ref) < 2e-2

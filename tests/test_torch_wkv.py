@@ -1,0 +1,107 @@
+"""The chunked WKV6 against the plain sequential recurrence (values and all gradients)."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from backends.torch.wkv import wkv6, wkv6_reference  # noqa: E402
+
+
+def make_inputs(length, dtype, decay="mixed", batch=2, heads=2, size=8, seed=0):
+    """r, k, v, log-decay w, bonus u. ``decay`` picks the log-decay distribution:
+    "init" is RWKV-6's init range, "mixed" spans mild to strong, "extreme" adds decays
+    far past what fp32 can factorise (per-step factors down to exp(-1e6) and below)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, length, heads, size)
+    r, k, v = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    if decay == "init":
+        w = -torch.exp(torch.rand(shape, generator=gen, dtype=dtype) * 5 - 6)
+    elif decay == "mixed":
+        w = -torch.exp(torch.randn(shape, generator=gen, dtype=dtype) * 2)
+    else:
+        w = -torch.exp(torch.randn(shape, generator=gen, dtype=dtype) * 6)
+        w[:, ::5] = -1e6
+        w[:, 3::11] = -float("inf")
+    u = torch.randn(heads, size, generator=gen, dtype=dtype)
+    return r, k, v, w, u
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float(a.norm())
+
+
+def grads_of(out, inputs, grad_out):
+    """All input gradients; one that does not reach the output (w at T = 1) is zero."""
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 64, 257, 1024])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_chunked_matches_reference_values_and_gradients(length, bidirectional, dtype, tol):
+    decays = ["mixed", "init"] if length <= 257 else ["init"]
+    for decay in decays:
+        inputs = [x.requires_grad_() for x in make_inputs(length, dtype, decay, batch=1 if length > 257 else 2)]
+        grad_out = torch.randn_like(inputs[0])
+        fast = wkv6(*inputs, bidirectional=bidirectional)
+        fast_grads = grads_of(fast, inputs, grad_out)
+        ref = wkv6_reference(*inputs, bidirectional=bidirectional)
+        ref_grads = grads_of(ref, inputs, grad_out)
+        assert fast.dtype == dtype and fast.shape == ref.shape
+        assert rel(fast, ref) < tol, decay
+        for name, a, b in zip("rkvwu", fast_grads, ref_grads):
+            assert rel(a, b) < tol, (decay, name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_extreme_decays_stay_finite_and_exact(bidirectional, dtype, tol):
+    inputs = [x.requires_grad_() for x in make_inputs(200, dtype, "extreme")]
+    fast = wkv6(*inputs, bidirectional=bidirectional)
+    ref = wkv6_reference(*inputs, bidirectional=bidirectional)
+    assert torch.isfinite(fast).all()
+    assert rel(fast, ref) < tol
+    grads = torch.autograd.grad(fast.square().sum(), inputs)
+    ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+    for name, a, b in zip("rkvu", [grads[i] for i in (0, 1, 2, 4)], [ref_grads[i] for i in (0, 1, 2, 4)]):
+        assert torch.isfinite(a).all() and rel(a, b) < tol, name
+    finite = torch.isfinite(inputs[3])  # d/dw at w = -inf is not defined; elsewhere it must agree
+    assert torch.isfinite(grads[3][finite]).all()
+    assert rel(grads[3][finite], ref_grads[3][finite]) < tol
+
+
+@pytest.mark.parametrize("chunk_size,sub_chunk_size", [(16, 4), (32, 8), (64, 16), (128, 16)])
+def test_every_chunking_gives_the_same_result(chunk_size, sub_chunk_size):
+    inputs = make_inputs(150, torch.float64, "mixed")
+    ref = wkv6_reference(*inputs, bidirectional=True)
+    out = wkv6(*inputs, bidirectional=True, chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+    assert rel(out, ref) < 1e-12
+
+
+def test_causal_output_ignores_the_future_and_bidirectional_does_not():
+    r, k, v, w, u = make_inputs(96, torch.float64, "init", batch=1)
+    cut = 40
+    r2, k2, v2 = r.clone(), k.clone(), v.clone()
+    for x in (r2, k2, v2):
+        x[:, cut + 1:] = torch.randn_like(x[:, cut + 1:])
+    causal_a, causal_b = wkv6(r, k, v, w, u), wkv6(r2, k2, v2, w, u)
+    torch.testing.assert_close(causal_a[:, : cut + 1], causal_b[:, : cut + 1], rtol=0, atol=1e-12)
+    assert (causal_a[:, cut + 1:] - causal_b[:, cut + 1:]).abs().max() > 1e-3
+    bi_a, bi_b = wkv6(r, k, v, w, u, bidirectional=True), wkv6(r2, k2, v2, w, u, bidirectional=True)
+    assert (bi_a[:, :cut] - bi_b[:, :cut]).abs().max() > 1e-3
+
+
+def test_bidirectional_counts_the_bonus_once():
+    r, k, v, w, u = make_inputs(1, torch.float64)
+    expected = (r * u * k).sum(-1, keepdim=True) * v  # one token: only the bonus term
+    torch.testing.assert_close(wkv6(r, k, v, w, u, bidirectional=True), expected)
+    torch.testing.assert_close(wkv6_reference(r, k, v, w, u, bidirectional=True), expected)
+
+
+def test_low_precision_inputs_keep_an_fp32_state():
+    r, k, v, w, u = make_inputs(130, torch.float32, "init")
+    ref = wkv6_reference(r, k, v, w, u)
+    out = wkv6(*(x.to(torch.bfloat16) for x in (r, k, v, w, u)))
+    assert out.dtype == torch.bfloat16
+    assert rel(out.float(), ref) < 2e-2
