@@ -37,6 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
@@ -65,19 +68,13 @@ def save_canonical(path, state: dict[str, np.ndarray], spec: DiRSpec, extra_meta
 
 
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with a clear error if it is not one."""
-    from safetensors import safe_open
+    """Float tensors (bf16 and fp16 widened to float32 exactly) and metadata of a safetensors
+    file, with a clear error if it is not one."""
+    from common.formats import read_safetensors as read_stored  # formats builds on this module
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # safetensors raises several types for truncated or corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    return tensors, metadata
+    tensors, metadata = read_stored(path)
+    return {name: stored.to_float32() if stored.dtype == "bfloat16" else stored.array
+            for name, stored in tensors.items()}, metadata
 
 
 def spec_from_metadata(metadata: dict[str, str], source: str) -> DiRSpec:

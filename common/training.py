@@ -50,7 +50,8 @@ def check_train_checkpoint(checkpoint, path, spec: DiRSpec | None = None) -> DiR
     if spec is not None and saved != spec:
         diffs = {k: (v, getattr(spec, k)) for k, v in saved.to_dict().items() if getattr(spec, k) != v}
         raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
-                              + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items()))
+                              + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+                              + "; use another run_dir (or resume: null) to train the new model from scratch")
     return saved
 
 

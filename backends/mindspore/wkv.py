@@ -26,8 +26,8 @@ Factorised or pairwise scores (``branch``):
   below ``MAX_FACTORISED_EXPONENT``, else split into sub-chunks with pairwise
   exponents. The choice is a Python ``if`` on a tensor value, so it cannot be
   compiled.
-* ``"safe"`` (Graph mode, the default under ``GRAPH_MODE``): always the split
-  into sub-chunks, pairwise within a sub-chunk. It is the branch "auto" takes for
+* ``"safe"`` (Graph mode, the default under ``GRAPH_MODE``): never factorise;
+  always the recursive split into sub-chunks (16, then 4), pairwise at the bottom. It is the branch "auto" takes for
   strong decays, exact for any decay (no exponent is positive), and equals the
   factorised result up to fp32 rounding (measured ~1e-7 relative), so Graph and
   PyNative agree with PyTorch to the same tolerance.
@@ -45,6 +45,8 @@ CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 # Largest |exponent| a factorised product may carry: exp(30) ~ 1e13 keeps fp32 far from
 # overflow and its reciprocal far from the denormals.
+MIN_SUB_CHUNK_SIZE = 2  # below this a chunk is scored pair by pair
+LOG_DECAY_FLOOR = -1e4
 MAX_FACTORISED_EXPONENT = {ms.float32: 30.0, ms.float64: 300.0}
 BRANCHES = ("auto", "safe")
 
@@ -106,14 +108,20 @@ def _reverse_exclusive_cumsum(x, dim: int):
     return ops.flip(_exclusive_cumsum(ops.flip(x, (dim,)), dim), (dim,))
 
 
-def _pairwise_scores(r, k, w, decay_before):
-    """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token."""
+def _pairwise_scores(r, k, w):
+    """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token.
+
+    The exponent w_{s+1} + ... + w_{t-1} is summed directly (a 0/1 matrix times w), not
+    taken as a difference of cumulative sums, so a strong decay early in the sub-chunk
+    cannot cancel away the precision of the mild ones after it.
+    """
     size = r.shape[-2]
-    earlier = _earlier_mask(size, r.dtype)  # [t, s]: s < t
-    exponent = decay_before[..., :, None, :] - (decay_before + w)[..., None, :, :]
-    exponent = ops.minimum(exponent * earlier[..., None], 0.0)  # masked to 0, then clamp(max=0)
+    idx = ops.arange(size)
+    between = ops.logical_and(idx[None, :, None] < idx[None, None, :], idx[None, None, :] < idx[:, None, None])  # [t, s, m]
+    between = between.astype(w.dtype).reshape(size * size, size)
+    exponent = ops.matmul(between, w).reshape(*w.shape[:-2], size, size, w.shape[-1])  # <= 0
     scores = (r[..., :, None, :] * k[..., None, :, :] * ops.exp(exponent)).sum(-1)
-    return scores * earlier
+    return scores * _earlier_mask(size, r.dtype)
 
 
 def _factorisable(w, decay_before) -> bool:
@@ -133,8 +141,8 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int, branch: str
         # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
         earlier = _earlier_mask(size, r.dtype)
         return ops.matmul(r * ops.exp(decay_before), (k * ops.exp(-(decay_before + w))).swapaxes(-1, -2)) * earlier
-    if size <= sub_chunk_size:
-        return _pairwise_scores(r, k, w, decay_before)
+    if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
+        return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
     lead = r.shape[:-2]
@@ -153,7 +161,8 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int, branch: str
     scores = scores.reshape(*lead, n_sub, sub_chunk_size, n_sub, sub_chunk_size)
     earlier_sub = _earlier_mask(n_sub, r.dtype)  # key sub-chunk j < query sub-chunk i
     scores = scores * earlier_sub[:, None, :, None]
-    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size, branch)  # [..., n, S, S]
+    # Each sub-chunk again: factorised if it can be, else split four ways, down to pairwise.
+    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size // 4, branch)  # [..., n, S, S]
     eye = ops.eye(n_sub, n_sub, r.dtype)
     scores = scores + diag.expand_dims(-2) * eye[:, None, :, None]
     return scores.reshape(*lead, size, size)
@@ -200,6 +209,9 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
     batch = r.shape[0]
     # [B, T, H, K] -> [B, H, T, K]
     r, k, v, w = (x.astype(compute).swapaxes(1, 2) for x in (r, k, v, w))
+    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+    w = ops.clamp(w, min=LOG_DECAY_FLOOR)
     u = u.astype(compute)
     if bidirectional:  # both directions in one batched call
         both = _strictly_causal(*(ops.concat([x, ops.flip(x, (2,))], 0) for x in (r, k, v, w)),

@@ -222,6 +222,11 @@ class DiR(nn.Layer):
         self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
         self.blocks = nn.LayerList([DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks)])
         self.final_layer = FinalLayer(spec)
+        # Plain Python values for forward: paddle.jit.to_static (SOT) cannot trace the spec's methods.
+        self.num_in_blocks = spec.num_in_blocks
+        self.out_blocks = [spec.is_out_block(i) for i in range(spec.num_blocks)]
+        self.in_channels, self.out_channels = spec.in_channels, spec.out_channels
+        self.patch_size, self.grid_size = spec.patch_size, spec.grid_size
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
@@ -249,7 +254,7 @@ class DiR(nn.Layer):
 
     def unpatchify(self, x):
         """[N, T, p*p*C] -> [N, C, H, W]."""
-        c, p, h = self.spec.out_channels, self.spec.patch_size, self.spec.grid_size
+        c, p, h = self.out_channels, self.patch_size, self.grid_size
         x = x.reshape([x.shape[0], h, h, p, p, c])
         return x.transpose([0, 5, 1, 3, 2, 4]).reshape([x.shape[0], c, h * p, h * p])
 
@@ -260,8 +265,8 @@ class DiR(nn.Layer):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         in_block_outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x, c, in_block_outputs.pop() if self.spec.is_out_block(i) else None)
-            if i < self.spec.num_in_blocks:
+            x = block(x, c, in_block_outputs.pop() if self.out_blocks[i] else None)
+            if i < self.num_in_blocks:
                 in_block_outputs.append(x)
         return self.unpatchify(self.final_layer(x, c))
 
@@ -272,7 +277,7 @@ class DiR(nn.Layer):
             raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
         half = x[: x.shape[0] // 2]
         out = self.forward(paddle.concat([half, half], axis=0), t, y)
-        eps, rest = out[:, : self.spec.in_channels], out[:, self.spec.in_channels:]
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond_eps, uncond_eps = eps.chunk(2, axis=0)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return paddle.concat([paddle.concat([guided, guided], axis=0), rest], axis=1)

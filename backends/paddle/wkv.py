@@ -27,6 +27,7 @@ CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 # Largest |exponent| a factorised product may carry: exp(30) ~ 1e13 keeps fp32 far from
 # overflow and its reciprocal far from the denormals.
+MIN_SUB_CHUNK_SIZE = 2  # below this a chunk is scored pair by pair
 LOG_DECAY_FLOOR = -1e4
 MAX_FACTORISED_EXPONENT = {paddle.float32: 30.0, paddle.float64: 300.0}
 
@@ -121,11 +122,14 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
         # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
         return paddle.matmul(r * paddle.exp(decay_before), k * paddle.exp(-(decay_before + w)),
                              transpose_y=True) * earlier
-    if size <= sub_chunk_size:
+    if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
         return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
-    lead = list(r.shape[:-2])
+    # Leading dims are flattened to one: Paddle's kernels stop at rank 6-9 and the recursion
+    # below adds two dims per level.
+    out_shape = [*r.shape[:-2], size, size]
+    lead = [-1]
     n_sub, dk = size // sub_chunk_size, r.shape[-1]
     r_s, k_s, w_s = (x.reshape([*lead, n_sub, sub_chunk_size, dk]) for x in (r, k, w))
     local_before = _exclusive_cumsum(w_s, dim=-2)
@@ -136,17 +140,18 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
                                           idx[None, None, :] < idx[:, None, None])
     sub_totals = w_s.sum(axis=-2)  # [..., m, K]
     gap = paddle.matmul(strictly_between.astype(w.dtype).reshape([n_sub * n_sub, n_sub]), sub_totals)
-    gap = gap.reshape([*lead, n_sub, n_sub, dk])  # [..., i, j, K]
+    gap = gap.reshape([-1, n_sub, n_sub, dk])  # [..., i, j, K]
     keys = k_s.unsqueeze(-4) * paddle.exp(local_after.unsqueeze(-4) + gap.unsqueeze(-2))  # [..., i, j, S, K]
-    keys = keys.reshape([*lead, n_sub, size, dk])
+    keys = keys.reshape([-1, n_sub, size, dk])
     scores = paddle.matmul(r_s * paddle.exp(local_before), keys, transpose_y=True)  # [..., i, S, L]
-    scores = scores.reshape([*lead, n_sub, sub_chunk_size, n_sub, sub_chunk_size])
+    scores = scores.reshape([-1, n_sub, sub_chunk_size, n_sub, sub_chunk_size])
     earlier_sub = (idx[None, :] < idx[:, None]).astype(r.dtype)  # key sub-chunk j < query sub-chunk i
     scores = scores * earlier_sub[:, None, :, None]
-    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size)  # [..., n, S, S]
+    # Each sub-chunk again: factorised if it can be, else split four ways, down to pairwise.
+    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size // 4)  # [..., n, S, S]
     eye = paddle.eye(n_sub, dtype=r.dtype)
     scores = scores + diag.unsqueeze(-2) * eye[:, None, :, None]
-    return scores.reshape([*lead, size, size])
+    return scores.reshape(out_shape)
 
 
 def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):

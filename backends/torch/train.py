@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from backends.torch.data import build_loader
-from backends.torch.diffusion import DDPMObjective, Sampler, guided_model
+from backends.torch.diffusion import Sampler, build_objective, guided_model
 from backends.torch.models import DiR
 from common.checkpoint import CheckpointError, atomic_path
 from common.config import TRAIN_SCHEMA, ConfigError, batch_layout, check_train_config, parse_cli, save_resolved
@@ -193,7 +193,7 @@ def wants_grid(step: int, config: dict, last: bool) -> bool:
 # ---- main -------------------------------------------------------------------------------------
 
 def train(config: dict, source_name: str = "config") -> dict:
-    """Run one training job; returns {'step', 'loss', 'checkpoint'} of the end state."""
+    """Run one training job; returns the end state: {'step', 'loss', 'checkpoint', 'model', 'ema'}."""
     check_train_config(config, source_name)
     rank, world_size, device = setup_distributed(config)
     micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
@@ -204,7 +204,7 @@ def train(config: dict, source_name: str = "config") -> dict:
     model = DiR.from_spec(spec, seed=config["seed"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = build_optimizer(model, config)
-    objective = DDPMObjective(config["diffusion_steps"], config["noise_schedule"], spec.learn_sigma, device)
+    objective = build_objective(config, spec.learn_sigma, device)
     layout = RunLayout(config["run_dir"], EXTENSION)
 
     start_step, rng = 0, None
@@ -274,7 +274,8 @@ def train(config: dict, source_name: str = "config") -> dict:
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step))}
+    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step)),
+            "model": unwrap(model), "ema": ema}
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,7 @@ CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 # Largest |exponent| a factorised product may carry: exp(30) ~ 1e13 keeps fp32 far from
 # overflow and its reciprocal far from the denormals.
+MIN_SUB_CHUNK_SIZE = 2  # below this a chunk is scored pair by pair
 LOG_DECAY_FLOOR = -1e4
 MAX_FACTORISED_EXPONENT = {torch.float32: 30.0, torch.float64: 300.0}
 
@@ -106,7 +107,7 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     if _factorisable(w, decay_before):
         # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
         return ((r * torch.exp(decay_before)) @ (k * torch.exp(-(decay_before + w))).transpose(-1, -2)) * earlier
-    if size <= sub_chunk_size:
+    if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
         return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
@@ -125,7 +126,8 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     scores = scores.reshape(*lead, n_sub, sub_chunk_size, n_sub, sub_chunk_size)
     earlier_sub = (idx[None, :] < idx[:, None]).to(r.dtype)  # key sub-chunk j < query sub-chunk i
     scores = scores * earlier_sub[:, None, :, None]
-    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size)  # [..., n, S, S]
+    # Each sub-chunk again: factorised if it can be, else split four ways, down to pairwise.
+    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size // 4)  # [..., n, S, S]
     eye = torch.eye(n_sub, dtype=r.dtype, device=r.device)
     scores = scores + diag.unsqueeze(-2) * eye[:, None, :, None]
     return scores.reshape(*lead, size, size)

@@ -1,0 +1,379 @@
+"""DiR: DiT's diffusion backbone with RWKV-6 blocks, in MindSpore.
+
+Mirrors ``backends/torch/models.py`` class for class and attribute for attribute;
+``construct`` replaces ``forward``. Shapes: N images, T = (input_size / patch_size)**2
+tokens, D = hidden_size, H heads of K = head_size channels. Parameter names (the
+attribute paths, which MindSpore also writes into each ``Parameter.name``) equal
+the canonical names of ``common/params.py`` through the MindSpore column of
+``common/param_mapping.py``: ``nn.Embedding`` keeps its table in ``.embedding_table``,
+so the canonical ``y_embedder.embedding_table.weight`` is
+``y_embedder.embedding_table.embedding_table``; GroupNorm's weight/bias are
+``gamma``/``beta``; every other name and layout is the canonical one (Dense weights are [out, in]). Weights are loaded from that table, so
+init is the numpy init shared by every backend.
+
+Ops used, and where they run:
+
+* ``nn.Conv2d`` (patch embedding), ``nn.Dense``, ``nn.Embedding``, ``nn.GroupNorm``,
+  ``nn.SiLU`` and ``mindspore.ops`` arithmetic (exp, tanh, sigmoid, relu, matmul,
+  cumsum, concat, flip): CPU, GPU and Ascend.
+* The affine-free LayerNorm of adaLN is written out (mean / variance over D), not
+  ``mint.nn.functional.layer_norm`` (Ascend-only) nor ``nn.LayerNorm`` (which would
+  add gamma/beta parameters the canonical table does not have).
+* No ``mint.*`` op is used: ``mint`` conv2d / layer_norm / gelu are Ascend-only in
+  MindSpore 2.x, and the ``ops`` / ``nn`` forms above compile to the Ascend kernels
+  on Ascend too.
+
+Differences from the PyTorch module, all MindSpore idiom:
+
+* ``construct(x, t, y, force_drop_ids=None)``: the optional ``force_drop_ids`` [N]
+  (1 = replace the label by the null class) lets training draw label dropout from a
+  seeded host RNG and parity tests drop the same labels in both frameworks; without
+  it, training mode drops labels with MindSpore's RNG like PyTorch does with its own.
+* ``forward_with_cfg`` keeps PyTorch's name (it is a plain method that calls the
+  compiled ``construct``, so it works in PyNative and Graph mode alike).
+* ``set_wkv_branch("auto" | "safe")`` picks the WKV6 score path: "auto" (PyNative
+  default) chooses factorised vs pairwise from the data like PyTorch; "safe" (the
+  default when the model is built under GRAPH_MODE) always takes the pairwise split,
+  which compiles (see ``backends/mindspore/wkv.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from backends.mindspore.wkv import default_branch, wkv6
+from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+
+EXECUTION_MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+
+
+def set_execution_mode(mode: str, device: str = "auto") -> str:
+    """``mode``: pynative | graph; ``device``: auto | cpu | ascend | gpu. Returns the device used.
+
+    Call before building models: under GRAPH_MODE the WKV6 branch defaults to "safe".
+    """
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"execution mode '{mode}': allowed {', '.join(EXECUTION_MODES)}")
+    ms.set_context(mode=EXECUTION_MODES[mode])
+    if device == "auto":
+        target = "CPU"
+        for candidate in ("Ascend", "GPU"):
+            try:
+                if ms.hal.is_available(candidate):
+                    target = candidate
+                    break
+            except Exception:  # noqa: BLE001 - a backend plugin that is absent raises various errors
+                continue
+    else:
+        target = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU", "cuda": "GPU"}[device]
+    ms.set_device(target)
+    return target
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [N, T, D]; shift, scale [N, D]."""
+    return x * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
+
+
+def token_shift(x, bidirectional: bool):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+
+    x [N, T, D]; tokens past either end are zero.
+    """
+    zero = ops.zeros_like(x[:, :1])
+    previous = ops.concat([zero, x[:, :-1]], 1)
+    if not bidirectional:
+        return previous
+    following = ops.concat([x[:, 1:], zero], 1)
+    return 0.5 * (previous + following)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last dim without affine parameters (DiT's adaLN norm).
+
+    Written out so it runs on every device and adds no parameters.
+    """
+
+    def __init__(self, eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.eps = eps
+
+    def construct(self, x):
+        mean = x.mean(-1, keep_dims=True)
+        centered = x - mean
+        variance = (centered * centered).mean(-1, keep_dims=True)
+        return centered * ops.rsqrt(variance + self.eps)
+
+
+class PatchEmbed(nn.Cell):
+    """[N, C, H, W] -> [N, T, D] by a stride-p convolution."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.proj = nn.Conv2d(spec.in_channels, spec.hidden_size, spec.patch_size, stride=spec.patch_size,
+                              pad_mode="valid", has_bias=True)
+
+    def construct(self, x):
+        x = self.proj(x)
+        return x.reshape(x.shape[0], x.shape[1], -1).swapaxes(1, 2)
+
+
+def _frequencies(dim: int) -> np.ndarray:
+    """exp(-log(MAX_PERIOD) * i / half) in float32, as PyTorch computes it (args in fp32,
+    a correctly rounded exp; MindSpore's CPU exp is ~1e-6 off, which t ~ 1000 would magnify)."""
+    half = dim // 2
+    args = np.float32(-math.log(MAX_PERIOD)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return np.exp(args.astype(np.float64)).astype(np.float32)
+
+
+class TimestepEmbedder(nn.Cell):
+    """Scalar timesteps [N] -> [N, D]: sinusoidal features, then an MLP."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.SequentialCell(nn.Dense(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.SiLU(),
+                                     nn.Dense(hidden_size, hidden_size))
+        self.freqs = Tensor(_frequencies(FREQUENCY_EMBEDDING_SIZE))  # a constant, not a parameter
+
+    @staticmethod
+    def timestep_embedding(t, freqs):
+        args = t.astype(ms.float32)[:, None] * freqs[None]
+        return ops.concat([ops.cos(args), ops.sin(args)], -1)
+
+    def construct(self, t):
+        return self.mlp(self.timestep_embedding(t, self.freqs))
+
+
+class LabelEmbedder(nn.Cell):
+    """Class labels [N] -> [N, D]; in training a label becomes the null class
+    (id ``num_classes``) with probability ``dropout_prob``, for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop = ops.rand(labels.shape[0]) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return ops.where(drop, ops.full_like(labels, self.num_classes), labels)
+
+    def construct(self, labels, train: bool, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class TimeMix(nn.Cell):
+    """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
+
+    [N, T, D] -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d = spec.hidden_size
+        self.num_heads, self.head_size = spec.num_heads, spec.head_size
+        self.bidirectional = spec.scan == "bidirectional"
+        self.wkv_branch = default_branch()
+        zeros = lambda *shape: Parameter(Tensor(np.zeros(shape, np.float32)))  # noqa: E731
+        self.time_maa_x = zeros(d)
+        self.time_maa_w = zeros(d)
+        self.time_maa_k = zeros(d)
+        self.time_maa_v = zeros(d)
+        self.time_maa_r = zeros(d)
+        self.time_maa_g = zeros(d)
+        self.time_maa_w1 = zeros(d, 5 * spec.mix_lora_rank)
+        self.time_maa_w2 = zeros(5, spec.mix_lora_rank, d)
+        self.time_decay = zeros(d)
+        self.time_decay_w1 = zeros(d, spec.decay_lora_rank)
+        self.time_decay_w2 = zeros(spec.decay_lora_rank, d)
+        self.time_faaaa = zeros(spec.num_heads, spec.head_size)
+        self.receptance = nn.Dense(d, d, has_bias=False)
+        self.key = nn.Dense(d, d, has_bias=False)
+        self.value = nn.Dense(d, d, has_bias=False)
+        self.gate = nn.Dense(d, d, has_bias=False)
+        self.output = nn.Dense(d, d, has_bias=False)
+        self.ln_x = nn.GroupNorm(spec.num_heads, d, eps=GROUP_NORM_EPS)
+
+    def construct(self, x):
+        n, t, d = x.shape
+        delta = token_shift(x, self.bidirectional) - x
+        mixed = x + delta * self.time_maa_x
+        lora = ops.tanh(ops.matmul(mixed, self.time_maa_w1)).reshape(n * t, 5, -1).swapaxes(0, 1)  # [5, NT, R]
+        m = ops.bmm(lora, self.time_maa_w2).reshape(5, n, t, d)
+        xw = x + delta * (self.time_maa_w + m[0])
+        xk = x + delta * (self.time_maa_k + m[1])
+        xv = x + delta * (self.time_maa_v + m[2])
+        xr = x + delta * (self.time_maa_r + m[3])
+        xg = x + delta * (self.time_maa_g + m[4])
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = ops.silu(self.gate(xg))
+        log_decay = -ops.exp(self.time_decay + ops.matmul(ops.tanh(ops.matmul(xw, self.time_decay_w1)),
+                                                          self.time_decay_w2))
+        heads = (n, t, self.num_heads, self.head_size)
+        y = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), log_decay.reshape(heads), self.time_faaaa,
+                 bidirectional=self.bidirectional, branch=self.wkv_branch)
+        y = self.ln_x(y.reshape(n * t, d)).reshape(n, t, d)
+        return self.output(y * g)
+
+
+class ChannelMix(nn.Cell):
+    """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, f = spec.hidden_size, spec.ffn_hidden_size
+        self.bidirectional = spec.scan == "bidirectional"
+        self.time_maa_k = Parameter(Tensor(np.zeros(d, np.float32)))
+        self.time_maa_r = Parameter(Tensor(np.zeros(d, np.float32)))
+        self.key = nn.Dense(d, f, has_bias=False)
+        self.receptance = nn.Dense(d, d, has_bias=False)
+        self.value = nn.Dense(f, d, has_bias=False)
+
+    def construct(self, x):
+        delta = token_shift(x, self.bidirectional) - x
+        k = ops.relu(self.key(x + delta * self.time_maa_k))
+        return ops.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k * k)
+
+
+class DiRBlock(nn.Cell):
+    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    """
+
+    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+        super().__init__()
+        d = spec.hidden_size
+        self.skip_linear = nn.Dense(2 * d, d) if fuses_skip else None
+        self.norm1 = LayerNorm(LAYER_NORM_EPS)
+        self.att = TimeMix(spec)
+        self.norm2 = LayerNorm(LAYER_NORM_EPS)
+        self.ffn = ChannelMix(spec)
+        self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 6 * d))
+
+    def construct(self, x, c, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(ops.concat([x, skip], -1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = ops.split(self.adaLN_modulation(c), c.shape[1], 1)
+        x = x + gate1.expand_dims(1) * self.att(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.expand_dims(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Cell):
+    """[N, T, D] -> [N, T, p*p*out_channels], adaLN-modulated."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        d, p = spec.hidden_size, spec.patch_size
+        self.norm_final = LayerNorm(LAYER_NORM_EPS)
+        self.linear = nn.Dense(d, p * p * spec.out_channels)
+        self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 2 * d))
+
+    def construct(self, x, c):
+        shift, scale = ops.split(self.adaLN_modulation(c), c.shape[1], 1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiR(nn.Cell):
+    """Diffusion RWKV: noisy images x [N, C, H, W], timesteps t [N], labels y [N]
+    -> [N, out_channels, H, W] (eps, then the variance interpolation when learn_sigma)."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        self.spec = spec
+        self.x_embedder = PatchEmbed(spec)
+        self.has_pos_embed = spec.pos_embed != "none"
+        if spec.pos_embed == "learned":
+            self.pos_embed = Parameter(Tensor(np.zeros((1, spec.num_patches, spec.hidden_size), np.float32)))
+        elif spec.pos_embed == "sincos":  # fixed, so not a parameter and not in checkpoints
+            self.pos_embed = Tensor(sincos_pos_embed_2d(spec.hidden_size, spec.grid_size)[None])
+        else:
+            self.pos_embed = None
+        self.t_embedder = TimestepEmbedder(spec.hidden_size)
+        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        self.blocks = nn.CellList([DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks)])
+        self.final_layer = FinalLayer(spec)
+        # The skip wiring as plain ints (a Graph-mode construct reads constants, not spec methods).
+        self.num_in_blocks = spec.num_in_blocks
+        self.skip_sources = tuple(spec.skip_source(i) if spec.is_out_block(i) else -1 for i in range(spec.num_blocks))
+        self.out_channels, self.patch_size, self.grid_size = spec.out_channels, spec.patch_size, spec.grid_size
+        self.in_channels = spec.in_channels
+
+    @classmethod
+    def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
+        """A model with the shared numpy init of ``common/params.py``."""
+        model = cls(spec)
+        model.load_canonical(init_canonical(spec, seed))
+        return model
+
+    def named_parameters(self) -> dict[str, Parameter]:
+        """Parameters by attribute path (what ``Parameter.name`` holds unless renamed)."""
+        return dict(self.parameters_and_names())
+
+    def load_canonical(self, state: dict[str, np.ndarray]) -> None:
+        """Copy canonical numpy weights in (checked name by name and shape by shape)."""
+        from common.param_mapping import framework_name, from_framework, to_framework
+
+        from_framework("mindspore", to_framework("mindspore", state, self.spec), self.spec)  # name + shape check
+        own = self.named_parameters()
+        for info in parameter_table(self.spec):
+            param = own[framework_name("mindspore", info.name, info.kind)]
+            param.set_data(Tensor(np.ascontiguousarray(state[info.name], dtype=np.float32)).astype(param.dtype))
+
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """Weights as float32 numpy arrays in canonical names and order."""
+        from common.param_mapping import framework_name
+
+        own = self.named_parameters()
+        return {info.name: own[framework_name("mindspore", info.name, info.kind)].asnumpy().astype(np.float32)
+                for info in parameter_table(self.spec)}
+
+    def set_wkv_branch(self, branch: str) -> None:
+        """"auto" (data-dependent, PyNative only) or "safe" (compiles) for every block."""
+        for block in self.blocks:
+            block.att.wkv_branch = branch
+
+    def unpatchify(self, x):
+        """[N, T, p*p*C] -> [N, C, H, W]."""
+        c, p, h = self.out_channels, self.patch_size, self.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        return x.transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, h * p)
+
+    def construct(self, x, t, y, force_drop_ids=None):
+        x = self.x_embedder(x)
+        if self.has_pos_embed:
+            x = x + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        in_block_outputs = []
+        i = 0
+        for block in self.blocks:
+            if self.skip_sources[i] >= 0:
+                x = block(x, c, in_block_outputs[self.skip_sources[i]])
+            else:
+                x = block(x, c)
+            if i < self.num_in_blocks:
+                in_block_outputs.append(x)
+            i += 1
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float):
+        """Classifier-free guidance on a doubled batch: the first half of ``y`` holds the
+        classes, the second half the null class; both halves get the guided eps."""
+        if not self.spec.has_null_class:
+            raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
+        half = x[: len(x) // 2]
+        out = self(ops.concat([half, half], 0), t, y)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        cond_eps, uncond_eps = ops.split(eps, len(eps) // 2, 0)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return ops.concat([ops.concat([guided, guided], 0), rest], 1)

@@ -1,0 +1,192 @@
+"""DiR against DiT: forward+backward time per image and peak memory against token count.
+
+Each (model, tokens) configuration runs in a fresh child process
+(``python -m bench.scaling --model ... --tokens ...``), so its memory high-water
+mark is its own and one OOM does not end the run; the parent collects the tagged
+JSON line each child prints.
+
+Memory. On CPU, "peak memory" is the child's resident-set high-water mark
+(``getrusage(RUSAGE_SELF).ru_maxrss``), reported twice: the whole process
+(interpreter, torch, model, inputs: ``peak_rss_mb``) and the growth during the
+timed steps over the high-water mark just before them (``step_peak_mb``, the
+activations and gradients a step needs). ru_maxrss sees every allocation torch
+makes on CPU (tracemalloc would not), but it is page-granular and includes
+allocator caching, so it is an upper bound. On CUDA it is
+``torch.cuda.max_memory_allocated`` minus the bytes allocated before the steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+MODELS = ("dit", "dir-causal", "dir-bidirectional")
+
+
+def build(model: str, tokens: int, depth: int, width: int, head_size: int, patch: int = 2,
+          in_channels: int = 4, num_classes: int = 1000):
+    import torch  # noqa: F401
+
+    from backends.torch.models import DiR
+    from bench.dit import DiT
+    from common.spec import build_spec
+
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise SystemExit(f"--tokens {tokens} is not a square grid")
+    scan = "causal" if model == "dir-causal" else "bidirectional"
+    spec = build_spec("DiR-S/2", input_size=side * patch, patch_size=patch, in_channels=in_channels,
+                      num_classes=num_classes, depth=depth, hidden_size=width, head_size=head_size,
+                      scan=scan, mix_lora_rank=min(32, width // 4), decay_lora_rank=min(64, width // 2))
+    net = DiT(spec) if model == "dit" else DiR.from_spec(spec, seed=0)
+    return net, spec
+
+
+def worker(args) -> dict:
+    import torch
+
+    from bench.util import emit, measure, peak_rss_mb, set_threads, synchronize
+
+    set_threads()
+    device = args.device
+    torch.manual_seed(0)
+    net, spec = build(args.model, args.tokens, args.depth, args.width, args.head_size)
+    net = net.to(device).train()
+    n = args.batch
+    x = torch.randn(n, spec.in_channels, spec.input_size, spec.input_size, device=device)
+    t = torch.randint(0, 1000, (n,), device=device)
+    y = torch.randint(0, spec.num_classes, (n,), device=device)
+    target = torch.randn(n, spec.out_channels, spec.input_size, spec.input_size, device=device)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(net(x, t, y), target)
+        loss.backward()
+
+    rss_before = peak_rss_mb()
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()
+    timing = measure(step, warmup=args.warmup, repeats=args.repeats, device=device)
+    result = {
+        "model": args.model, "tokens": args.tokens, "batch": n, "depth": args.depth, "width": args.width,
+        "heads": spec.num_heads, "head_size": spec.head_size, "patch_size": spec.patch_size,
+        "input_size": spec.input_size, "params": sum(p.numel() for p in net.parameters()),
+        "fwd_bwd_s": timing["median_s"], "per_image_s": timing["median_s"] / n,
+        "times_s": timing["times_s"], "warmup": timing["warmup"], "repeats": timing["repeats"],
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["step_peak_mb"] = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
+        result["memory_method"] = "torch.cuda.max_memory_allocated"
+    else:
+        peak = peak_rss_mb()
+        result["peak_mem_mb"] = peak
+        result["step_peak_mb"] = max(0.0, peak - rss_before)
+        result["memory_method"] = "ru_maxrss of a fresh child process"
+    if args.model == "dit":
+        from bench.dit import sdpa_backend
+
+        result["sdpa_backend"] = sdpa_backend(device, args.tokens, spec.num_heads, spec.head_size)
+    emit(result)
+    return result
+
+
+def fit_slope(tokens, times):
+    """Least-squares slope of log(time) against log(tokens)."""
+    pts = [(math.log(a), math.log(b)) for a, b in zip(tokens, times) if a and b]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def run_scaling(tokens_list, *, depth, width=384, head_size=64, token_budget=4096, warmup=1, repeats=3,
+                repeats_large=None, device="cpu", timeout=900, models=MODELS, threads=None, in_process=False,
+                log=print) -> dict:
+    """Every (model, tokens) pair in its own child; batch = max(1, token_budget // tokens).
+
+    ``in_process`` runs them here instead (no process start-up, no memory isolation: the
+    smoke mode's shortcut, never used for figures).
+    """
+    from bench.util import run_child
+
+    rows = []
+    for tokens in tokens_list:
+        batch = max(1, token_budget // tokens)
+        reps = repeats_large if (repeats_large and tokens >= 16384) else repeats
+        for model in models:
+            args = ["-m", "bench.scaling", "--model", model, "--tokens", str(tokens), "--batch", str(batch),
+                    "--depth", str(depth), "--width", str(width), "--head-size", str(head_size),
+                    "--warmup", str(warmup), "--repeats", str(reps), "--device", device]
+            start = time.perf_counter()
+            if in_process:
+                try:
+                    res = dict(worker(build_parser().parse_args(args[2:])), status="ok")
+                except (MemoryError, RuntimeError) as err:
+                    res = {"status": "OOM" if "memory" in str(err).lower() else "failed", "error": str(err)[-500:]}
+            else:
+                res = run_child(args, timeout=timeout, threads=threads)
+            res.update({"model": model, "tokens": tokens, "batch": batch, "depth": depth})
+            rows.append(res)
+            if res["status"] == "ok":
+                log(f"[scaling] {model:18s} T={tokens:6d} batch={batch}: {res['per_image_s'] * 1e3:9.1f} ms/image, "
+                    f"peak {res['peak_mem_mb']:.0f} MB (step {res['step_peak_mb']:.0f} MB)")
+            else:
+                log(f"[scaling] {model:18s} T={tokens:6d}: {res['status']} after {time.perf_counter() - start:.0f} s")
+    summary = summarise(rows, tokens_list, models)
+    return {"config": {"tokens": list(tokens_list), "depth": depth, "width": width, "head_size": head_size,
+                       "heads": width // head_size, "patch_size": 2, "in_channels": 4,
+                       "token_budget": token_budget, "batch_rule": "batch = max(1, token_budget // tokens)",
+                       "warmup": warmup, "repeats": repeats, "repeats_large": repeats_large,
+                       "isolation": "in-process (smoke)" if in_process else "one child process per configuration",
+                       "step": "model(x, t, y) -> MSE against a random target -> backward (no optimizer)",
+                       "memory": __doc__.split("Memory.", 1)[1].strip()},
+            "rows": rows, "summary": summary}
+
+
+def summarise(rows, tokens_list, models=MODELS) -> dict:
+    ok = {(r["model"], r["tokens"]): r for r in rows if r.get("status") == "ok"}
+    summary = {"slopes": {}, "slopes_last_two": {}, "ratios": {}}
+    for model in models:
+        pts = [(t, ok[(model, t)]["per_image_s"]) for t in tokens_list if (model, t) in ok]
+        summary["slopes"][model] = fit_slope([p[0] for p in pts], [p[1] for p in pts])
+        summary["slopes_last_two"][model] = fit_slope([p[0] for p in pts[-2:]], [p[1] for p in pts[-2:]])
+    ratios = {}
+    for t in tokens_list:
+        if ("dit", t) not in ok:
+            continue
+        for model in models:
+            if model != "dit" and (model, t) in ok:
+                ratios[f"dit_over_{model}@{t}"] = ok[("dit", t)]["per_image_s"] / ok[(model, t)]["per_image_s"]
+    for model in models:
+        if (model, 16384) in ok and (model, 4096) in ok:
+            ratios[f"{model}_16384_over_4096"] = ok[(model, 16384)]["per_image_s"] / ok[(model, 4096)]["per_image_s"]
+    summary["ratios"] = ratios
+    return summary
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="One DiR/DiT forward+backward configuration (a bench child).")
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--tokens", type=int, required=True, help="a square number: (input_size/2)^2")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--head-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv=None):
+    worker(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
