@@ -137,6 +137,8 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
     """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
     batch, heads, length, dk = r.shape
     dv = v.shape[-1]
+    if length < chunk_size:  # one chunk, padded only up to whole sub-chunks
+        chunk_size = -(-length // sub_chunk_size) * sub_chunk_size
     pad = (-length) % chunk_size
     if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
         r, k, v, w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, w))
