@@ -58,6 +58,8 @@ def markdown(results: dict, plot_names: dict) -> str:
              + f"; CPU {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads"
              + (f", load average at start {m['load_average'][0]:.1f}" if m.get("load_average") else ""),
              "- every time is the median of several runs after a warm-up; ratios are between figures of this run", ""]
+    if not results.get("complete", True):
+        lines[1:1] = ["", f"**Partial run**: sections done so far: {', '.join(results['section_wall_s'])}."]
 
     targets = results.get("targets", [])
     if targets:
@@ -137,7 +139,9 @@ def markdown(results: dict, plot_names: dict) -> str:
                   "| backend | status | ms/step | ratio to PyTorch |", "|---|---|---|---|"]
         for r in be["rows"]:
             status = r["status"] + (f" ({r['reason']})" if r.get("reason") else "")
-            lines.append(f"| {r['backend']} | {status} | {_ms(r.get('step_s'))} | "
+            mode = (r.get("result") or {}).get("mode")
+            name = r["backend"] + (f" ({mode} mode)" if isinstance(mode, str) else "")
+            lines.append(f"| {name} | {status} | {_ms(r.get('step_s'))} | "
                          f"{_fmt(r.get('ratio_to_torch'), '{:.2f}x')} |")
         lines.append("")
     notes = results.get("notes")
@@ -189,6 +193,14 @@ def plot_scaling(scaling: dict, path_time: Path, path_mem: Path) -> None:
             failed = [r["tokens"] for r in scaling["rows"] if r["model"] == model and r.get("status") != "ok"]
             for tok in failed:
                 ax.axvline(tok, color="grey", alpha=0.3)
+        if key == "per_image_s":  # guides: linear and quadratic growth from the smallest DiT point
+            base = [(r["tokens"], r[key]) for r in scaling["rows"] if r.get("status") == "ok" and r.get(key)]
+            if base:
+                t0, y0 = min(base)
+                xs = sorted({r["tokens"] for r in scaling["rows"]})
+                for power, style in ((1, ":"), (2, "--")):
+                    ax.loglog(xs, [y0 * (x / t0) ** power for x in xs], style, color="grey", alpha=0.5,
+                              label=f"slope {power} guide")
         c = scaling["config"]
         ax.set_xlabel("tokens per image")
         ax.set_ylabel(ylabel)
@@ -225,3 +237,13 @@ def write_all(results: dict, out_dir: Path) -> dict:
     paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
     paths["markdown"].write_text(markdown(results, plot_names))
     return paths
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json: re-render its Markdown and plots
+    import sys
+
+    source = Path(sys.argv[1])
+    data = json.loads(source.read_text())
+    data["targets"] = evaluate_targets(data) if data.get("mode") != "smoke" else []
+    for name, path in write_all(data, source.parent).items():
+        print(name, path)

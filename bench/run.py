@@ -73,7 +73,9 @@ def parse_args(argv=None):
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="tiny sizes, seconds; checks the pipeline, not the figures")
     parser.set_defaults(mode="quick")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="sections to run, in this order (default: wkv scaling backends); the results "
+                             "files are rewritten after each one")
     parser.add_argument("--backends", nargs="+", choices=("torch", "paddle", "mindspore"), default=None,
                         help="backends for the training-step section (default: the mode's list)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -114,47 +116,56 @@ def main(argv=None) -> dict:
         results["notes"].append(f"ran on CUDA ({results['machine'].get('cuda_device')}); peak memory is "
                                 "torch.cuda.max_memory_allocated")
     else:
-        results["notes"].append("ran on CPU (no CUDA device); peak memory is the ru_maxrss high-water mark of a "
-                                "fresh child process per configuration")
+        results["notes"].append("ran on CPU (no CUDA device); peak memory is the resident-set high-water "
+                                "mark (VmHWM) of a fresh child process per configuration")
     log(f"mode {args.mode} on {device}, {threads} threads, sections {' '.join(args.sections)}")
-
-    if "wkv" in args.sections:
-        from bench.wkv_bench import bench_wkv
-
-        t0 = time.perf_counter()
-        cfg = plan["wkv"]
-        results["wkv"] = bench_wkv(cfg["lengths"], cfg["batch"], cfg["heads"], cfg["head_size"], device=device,
-                                   warmup=cfg["warmup"], repeats=cfg["repeats"], ref_repeats=cfg["ref_repeats"],
-                                   gemm_size=cfg.get("gemm_size", 1024), log=log)
-        results["section_wall_s"]["wkv"] = time.perf_counter() - t0
-
-    if "scaling" in args.sections:
-        from bench.scaling import run_scaling
-
-        t0 = time.perf_counter()
-        cfg = dict(plan["scaling"])
-        results["scaling"] = run_scaling(cfg.pop("tokens"), device=device, threads=threads, log=log, **cfg)
-        results["section_wall_s"]["scaling"] = time.perf_counter() - t0
-
-    if "backends" in args.sections:
-        from bench.train_steps import run_backends
-
-        t0 = time.perf_counter()
-        cfg = plan["backends"]
-        config = dict(cfg["config"], device=device)
-        results["backends"] = run_backends(config, tuple(args.backends or cfg["backends"]), timeout=cfg["timeout"],
-                                           threads=threads, log=log)
-        results["section_wall_s"]["backends"] = time.perf_counter() - t0
 
     from bench.report import evaluate_targets, write_all
 
-    results["targets"] = evaluate_targets(results) if args.mode != "smoke" else []
-    results["wall_s"] = time.perf_counter() - start
-    try:
-        results["machine"]["load_average_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    paths = write_all(results, args.out_dir)
+    def finish(complete: bool):
+        results["complete"] = complete
+        results["targets"] = evaluate_targets(results) if args.mode != "smoke" else []
+        results["wall_s"] = time.perf_counter() - start
+        try:
+            results["machine"]["load_average_end"] = list(os.getloadavg())
+        except OSError:
+            pass
+        loads = [results["machine"].get("load_average", [0])[0], results["machine"].get("load_average_end", [0])[0]]
+        cores = results["machine"].get("cpu_count") or 1
+        results["notes"] = [n for n in results["notes"] if not n.startswith("the machine was busy")]
+        if max(loads) > cores:
+            results["notes"].append(
+                f"the machine was busy: load average {loads[0]:.1f} at the start and {loads[1]:.1f} at the end on "
+                f"{cores} cores (other processes competing for the cores). Many small kernels (the reference loop, "
+                "the chunked kernel's elementwise work) suffer most when torch's threads are descheduled, so "
+                "absolute times and the WKV ratios are pessimistic; rerun on an idle machine for figures to quote")
+        return write_all(results, args.out_dir)
+
+    for section in dict.fromkeys(args.sections):  # in the order given, each once
+        t0 = time.perf_counter()
+        if section == "wkv":
+            from bench.wkv_bench import bench_wkv
+
+            cfg = plan["wkv"]
+            results["wkv"] = bench_wkv(cfg["lengths"], cfg["batch"], cfg["heads"], cfg["head_size"], device=device,
+                                       warmup=cfg["warmup"], repeats=cfg["repeats"], ref_repeats=cfg["ref_repeats"],
+                                       gemm_size=cfg.get("gemm_size", 1024), log=log)
+        elif section == "scaling":
+            from bench.scaling import run_scaling
+
+            cfg = dict(plan["scaling"])
+            results["scaling"] = run_scaling(cfg.pop("tokens"), device=device, threads=threads, log=log, **cfg)
+        elif section == "backends":
+            from bench.train_steps import run_backends
+
+            cfg = plan["backends"]
+            config = dict(cfg["config"], device=device)
+            results["backends"] = run_backends(config, tuple(args.backends or cfg["backends"]),
+                                               timeout=cfg["timeout"], threads=threads, log=log)
+        results["section_wall_s"][section] = time.perf_counter() - t0
+        finish(complete=False)  # what is measured so far is on disk if a later section is cut short
+
+    paths = finish(complete=True)
     for target in results["targets"]:
         state = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         value = "-" if target["measured"] is None else f"{target['measured']:.2f}"

@@ -6,13 +6,14 @@ mark is its own and one OOM does not end the run; the parent collects the tagged
 JSON line each child prints.
 
 Memory. On CPU, "peak memory" is the child's resident-set high-water mark
-(``getrusage(RUSAGE_SELF).ru_maxrss``), reported twice: the whole process
-(interpreter, torch, model, inputs: ``peak_rss_mb``) and the growth during the
-timed steps over the high-water mark just before them (``step_peak_mb``, the
-activations and gradients a step needs). ru_maxrss sees every allocation torch
-makes on CPU (tracemalloc would not), but it is page-granular and includes
-allocator caching, so it is an upper bound. On CUDA it is
-``torch.cuda.max_memory_allocated`` minus the bytes allocated before the steps.
+(VmHWM in /proc/self/status; ru_maxrss would carry the parent's peak across
+fork+exec), reported twice: the whole process (interpreter, torch, model, inputs:
+``peak_mem_mb``) and the growth during the warm-up and timed steps (``step_peak_mb``:
+the high-water mark is reset to the current RSS just before them through
+/proc/self/clear_refs, so this is the activations, gradients and workspace a step
+needs). RSS sees every allocation torch makes on CPU (tracemalloc would not), but it
+is page-granular and includes allocator caching, so it is an upper bound. On CUDA it
+is ``torch.cuda.max_memory_allocated`` minus the bytes allocated before the steps.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def build(model: str, tokens: int, depth: int, width: int, head_size: int, patch
 def worker(args) -> dict:
     import torch
 
-    from bench.util import emit, measure, peak_rss_mb, set_threads, synchronize
+    from bench.util import current_rss_mb, emit, measure, peak_rss_mb, reset_peak_rss, set_threads, synchronize
 
     set_threads()
     device = args.device
@@ -63,7 +64,9 @@ def worker(args) -> dict:
         loss = torch.nn.functional.mse_loss(net(x, t, y), target)
         loss.backward()
 
-    rss_before = peak_rss_mb()
+    rss_before = current_rss_mb() if reset_peak_rss() else None
+    if rss_before is None:  # no reset: the high-water mark so far is the baseline
+        rss_before = peak_rss_mb()
     if device.startswith("cuda"):
         synchronize(device)
         torch.cuda.reset_peak_memory_stats()
@@ -85,7 +88,7 @@ def worker(args) -> dict:
         peak = peak_rss_mb()
         result["peak_mem_mb"] = peak
         result["step_peak_mb"] = max(0.0, peak - rss_before)
-        result["memory_method"] = "ru_maxrss of a fresh child process"
+        result["memory_method"] = "VmHWM of a fresh child process, reset before the timed steps"
     if args.model == "dit":
         from bench.dit import sdpa_backend
 
@@ -145,7 +148,7 @@ def run_scaling(tokens_list, *, depth, width=384, head_size=64, token_budget=409
                        "warmup": warmup, "repeats": repeats, "repeats_large": repeats_large,
                        "isolation": "in-process (smoke)" if in_process else "one child process per configuration",
                        "step": "model(x, t, y) -> MSE against a random target -> backward (no optimizer)",
-                       "memory": __doc__.split("Memory.", 1)[1].strip()},
+                       "memory": " ".join(__doc__.split("Memory.", 1)[1].split()).replace("``", "`")},
             "rows": rows, "summary": summary}
 
 

@@ -39,6 +39,8 @@ OPTION_ALIASES = {
 # keys whose value is a step time in seconds / milliseconds, most specific first
 SECONDS_KEYS = ("step_s", "step_time_s", "median_step_s", "median_s", "seconds_per_step", "sec_per_step",
                 "time_per_step_s", "step_time")
+# device names a backend's script spells differently from torch's
+DEVICE_NAMES = {"paddle": {"cuda": "gpu"}, "mindspore": {"cuda": "gpu"}}
 MS_KEYS = ("step_ms", "step_time_ms", "median_ms", "median_step_ms", "ms_per_step")
 
 
@@ -110,7 +112,7 @@ def step_seconds(result: dict):
 
 def run_backend(backend: str, config: dict, *, timeout: float, threads=None, log=print) -> dict:
     script = script_path(backend)
-    row = {"backend": backend, "script": str(script.relative_to(REPO_ROOT))}
+    row = {"backend": backend, "script": f"bench/{script.name}"}
     if not script.exists():
         row.update(status="not available", reason=f"{row['script']} not installed")
         return row
@@ -138,6 +140,8 @@ def run_backend(backend: str, config: dict, *, timeout: float, threads=None, log
         if value is None:
             continue
         if key in options:
+            if key == "device":
+                value = DEVICE_NAMES.get(backend, {}).get(value, value)
             args += [options[key], str(value)]
         elif key not in ("device", "scan"):  # the ones a script may legitimately not take
             row.setdefault("options_not_taken", []).append(key)

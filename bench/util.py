@@ -61,10 +61,41 @@ def measure(fn, *, warmup: int, repeats: int, device: str = "cpu") -> dict:
             "warmup": warmup, "repeats": len(times)}
 
 
+def _proc_status_mb(field: str):
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """This process's resident-set high-water mark (ru_maxrss, KiB on Linux) in MiB."""
+    """This process's resident-set high-water mark in MiB.
+
+    Linux: VmHWM of /proc/self/status (this process image only). Not ru_maxrss: Linux
+    carries that across fork+exec, so a child would report its parent's peak.
+    """
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def current_rss_mb():
+    return _proc_status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_model() -> str:

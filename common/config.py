@@ -76,7 +76,7 @@ TRAIN_OPTIONS = [
     # objective
     Option("objective", "str", "ddpm", "training objective (DDPM eps-prediction, hybrid loss when learn_sigma)", ("ddpm",)),
     Option("diffusion_steps", "int", 1000, "number of diffusion timesteps T"),
-    Option("noise_schedule", "str", "linear", "beta schedule", ("linear",)),
+    Option("noise_schedule", "str", "linear", "beta schedule: linear (DDPM, DiT) | cosine (improved DDPM; better for small images)", ("linear", "cosine")),
     # optimisation
     Option("max_steps", "int", 2000, "optimizer steps to train for"),
     Option("global_batch_size", "int", 64, "images per optimizer step, summed over processes and accumulation steps"),

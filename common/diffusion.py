@@ -34,10 +34,31 @@ def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+def cosine_betas(num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM's cosine schedule: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2).
+
+    It destroys information more slowly than the linear one, which matters for small
+    images (32x32 and below) where most linear-schedule timesteps are nearly pure noise.
+    """
+    if num_timesteps < 1:
+        raise ScheduleError(f"num_timesteps = {num_timesteps}, expected at least 1")
+
+    def alpha_bar(t):
+        return math.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+                     for i in range(num_timesteps)], dtype=np.float64)
+
+
+NOISE_SCHEDULES = ("linear", "cosine")
+
+
 def named_betas(name: str, num_timesteps: int) -> np.ndarray:
     if name == "linear":
         return linear_betas(num_timesteps)
-    raise ScheduleError(f"unknown noise schedule '{name}'; allowed: linear")
+    if name == "cosine":
+        return cosine_betas(num_timesteps)
+    raise ScheduleError(f"unknown noise schedule '{name}'; allowed: {', '.join(NOISE_SCHEDULES)}")
 
 
 @dataclass(frozen=True)

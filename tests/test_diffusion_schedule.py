@@ -84,5 +84,13 @@ def test_ddim_sigmas():
 def test_bad_betas_rejected():
     with pytest.raises(ScheduleError, match="betas must lie"):
         DiffusionSchedule(np.array([0.1, 1.5]), np.arange(2))
-    with pytest.raises(ScheduleError, match="unknown noise schedule 'cosine'"):
-        make_schedule(1000, "cosine")
+    with pytest.raises(ScheduleError, match="unknown noise schedule 'sqrt'"):
+        make_schedule(1000, "sqrt")
+
+
+def test_cosine_schedule_closed_form():
+    s = make_schedule(1000, "cosine")
+    t = np.array([0, 250, 500, 999])
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    np.testing.assert_allclose(s.alphas_cumprod[t[:3]], f((t[:3] + 1) / 1000) / f(0), rtol=1e-9)
+    assert s.betas.max() == pytest.approx(0.999) and s.betas[0] > 0

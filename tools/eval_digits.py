@@ -17,6 +17,7 @@ Exit status 1 when ``--min-accuracy`` is given and not reached.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -79,13 +80,19 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
 
 
+@functools.lru_cache(maxsize=4)
+def judge_for(image_size: int, seed: int = 0) -> DigitJudge:
+    """One judge per resolution and seed (training it takes a few seconds)."""
+    return DigitJudge(image_size, seed)
+
+
 def evaluate(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
     """Accuracy (overall, per class), FD to real digits and its real-vs-real floor."""
     if images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
         raise ValueError(f"samples have shape {images.shape}, expected square [N, S, S, 1] digits")
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"labels range {labels.min()}..{labels.max()}, expected digit classes 0..9")
-    judge = DigitJudge(images.shape[1], seed)
+    judge = judge_for(images.shape[1], seed)
     x = flatten(images)
     predicted = judge.predict(x)
     per_class = {int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)}

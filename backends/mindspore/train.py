@@ -110,8 +110,9 @@ def build_optimizer(model: DiR, config: dict) -> AdamW:
 
 
 def set_learning_rate(optimizer: AdamW, lr: float) -> None:
+    """In place (``ops.assign``): ``set_data`` would swap the tensor a compiled step already holds."""
     for group in optimizer.param_groups:
-        group["lr"].set_data(Tensor(lr, ms.float32))
+        ops.assign(group["lr"], Tensor(lr, ms.float32))
 
 
 def build_ema(model: DiR) -> DiR:
@@ -178,7 +179,8 @@ class ApplyGradients(nn.Cell):
         self.world_size = world_size
         self.reduce = ops.AllReduce() if world_size > 1 else None
 
-    def construct(self, grads):
+    @ms.jit  # also under PyNative: the experimental AdamW re-tuples the grads, which its own jit
+    def construct(self, grads):  # would see as new constants (and recompile) every eager call
         if self.world_size > 1:
             grads = tuple(self.reduce(g) / self.world_size for g in grads)
         norms = ops.stack([ops.sqrt((g * g).sum()) for g in grads])
@@ -186,7 +188,7 @@ class ApplyGradients(nn.Cell):
         if self.clip:  # torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))
             coef = ops.clamp(self.max_norm / (total_norm + 1e-6), max=1.0)
             grads = tuple(g * coef for g in grads)
-        self.optimizer(ms.mutable(tuple(grads)))  # mutable: the optimizer's jit must not recompile per step
+        self.optimizer(grads)
         return total_norm
 
 
@@ -216,7 +218,7 @@ def train_step(forward_backward: ForwardBackward, apply_gradients: ApplyGradient
         totals["mse"] += float(mse.asnumpy()) / accum
         totals["vb"] += float(vb.asnumpy()) / accum
         totals["skipped"] += float(np.sum(skipped))
-    totals["grad_norm"] = float(apply_gradients(grads).asnumpy())
+    totals["grad_norm"] = float(apply_gradients(ms.mutable(tuple(grads))).asnumpy())
     return totals
 
 
@@ -336,7 +338,7 @@ def wants_grid(step: int, config: dict, last: bool) -> bool:
 # ---- main -------------------------------------------------------------------------------------
 
 def train(config: dict, source_name: str = "config", mode: str = "pynative") -> dict:
-    """Run one training job; returns {'step', 'loss', 'checkpoint'} of the end state."""
+    """Run one training job; returns {'step', 'loss', 'checkpoint', 'model'} of the end state."""
     check_train_config(config, source_name)
     rank, world_size, target = setup_distributed(config, mode)
     micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
@@ -418,7 +420,7 @@ def train(config: dict, source_name: str = "config", mode: str = "pynative") -> 
         plot_loss_curve(layout.log, layout.loss_curve)
     if world_size > 1:
         _barrier()
-    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step))}
+    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step)), "model": model}
 
 
 def pop_mode(argv: list[str]) -> tuple[str, list[str]]:

@@ -154,6 +154,14 @@ class DDPMObjective:
         return losses
 
 
+def build_objective(config: dict, learn_sigma: bool, device=None) -> DDPMObjective:
+    """The training objective a config names (``objective`` key). A flow-matching objective
+    (SiT / rectified flow) slots in here with the same ``training_losses`` signature."""
+    if config["objective"] == "ddpm":
+        return DDPMObjective(config["diffusion_steps"], config["noise_schedule"], learn_sigma, device)
+    raise ValueError(f"unknown objective '{config['objective']}'; allowed: ddpm")
+
+
 # ---- sampling ----------------------------------------------------------------------
 
 def guided_model(model, y: paddle.Tensor, cfg_scale: float, null_class: int) -> Callable:

@@ -39,7 +39,8 @@ def pick_device(name: str) -> str:
     accelerator = _accelerator()
     if name == "cuda" and accelerator is None:
         raise ConfigError("key 'device' = 'cuda' but Paddle sees no GPU / XPU device")
-    return str(paddle.set_device(accelerator if name != "cpu" and accelerator is not None else "cpu"))
+    paddle.set_device(accelerator if name != "cpu" and accelerator is not None else "cpu")
+    return paddle.device.get_device()
 
 
 def to_static(model: DiR) -> DiR:
@@ -85,12 +86,12 @@ def generate(model, spec: DiRSpec, sampler: Sampler, labels: np.ndarray, config:
     """All images for ``labels`` as uint8 [N, H, W, C], batch by batch from one seeded generator."""
     generator = np.random.default_rng(config["seed"])
     # bf16 autocast on accelerators only: Paddle's CPU has no bf16 kernels.
-    autocast = paddle.amp.auto_cast(enable=config["precision"] == "bf16" and device != "cpu", dtype="bfloat16")
+    use_bf16 = config["precision"] == "bf16" and device != "cpu"
     shape = (spec.in_channels, spec.input_size, spec.input_size)
     images = []
     for batch in tqdm(batches(labels, config["batch_size"]), desc=f"sampling ({sampler.kind}, {sampler.num_steps} steps)"):
         y = paddle.to_tensor(batch)
-        with autocast:
+        with paddle.amp.auto_cast(enable=use_bf16, dtype="bfloat16"):  # a fresh context each batch
             x = sampler.sample(guided_model(model, y, config["cfg_scale"], spec.num_classes), (len(batch), *shape),
                                generator)
         if vae is not None:

@@ -1,7 +1,8 @@
 """Train DiR with PaddlePaddle: ``python -m backends.paddle.train -c configs/train/digits.yaml [--key value ...]``.
 
-Several processes: ``python -m paddle.distributed.launch --nproc_per_node N -m backends.paddle.train -c ...``
+Several processes: ``python -m paddle.distributed.launch --nproc_per_node N backends/paddle/train.py -c ...``
 (DataParallel; gloo on CPU), on GPU / XPU clusters the same command with ``--devices 0,1,...``.
+The launcher runs a script path, not ``-m module``, so this file also runs as a script.
 Everything that is not tensor work lives in common/: config, data, schedules, run layout, logging.
 
 Checkpoints (``run_dir/checkpoints/NNNNNNN.pdparams``) are written with ``paddle.save`` of plain
@@ -15,6 +16,10 @@ import contextlib
 import os
 import sys
 import warnings
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: put the repo root first, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import numpy as np
 import paddle
@@ -22,7 +27,7 @@ import paddle.distributed as dist
 from tqdm.auto import tqdm
 
 from backends.paddle.data import build_loader
-from backends.paddle.diffusion import DDPMObjective, Sampler, guided_model
+from backends.paddle.diffusion import Sampler, build_objective, guided_model
 from backends.paddle.models import DiR
 from common.checkpoint import CheckpointError, atomic_path
 from common.config import TRAIN_SCHEMA, ConfigError, batch_layout, check_train_config, parse_cli, save_resolved
@@ -58,14 +63,11 @@ def setup_distributed(config: dict) -> tuple[int, int, str]:
     accelerator = _accelerator()
     if config["device"] == "cuda" and accelerator is None:
         raise ConfigError("key 'device' = 'cuda' but Paddle sees no GPU / XPU device")
-    if config["device"] != "cpu" and accelerator is not None:
-        # The launcher gives each process its own card (FLAGS_selected_gpus / _xpus).
-        device = paddle.set_device(accelerator)
-    else:
-        device = paddle.set_device("cpu")
+    # The launcher gives each process its own card (FLAGS_selected_gpus / _xpus).
+    paddle.set_device(accelerator if config["device"] != "cpu" and accelerator is not None else "cpu")
     if world_size > 1:
         dist.init_parallel_env()
-    return rank, world_size, str(device)
+    return rank, world_size, paddle.device.get_device()  # 'cpu', 'gpu:0', 'xpu:1', ...
 
 
 def all_gather_objects(value, world_size: int) -> list:
@@ -275,7 +277,7 @@ def wants_grid(step: int, config: dict, last: bool) -> bool:
 # ---- main -------------------------------------------------------------------------------------
 
 def train(config: dict, source_name: str = "config") -> dict:
-    """Run one training job; returns {'step', 'loss', 'checkpoint'} of the end state."""
+    """Run one training job; returns the end state: {'step', 'loss', 'checkpoint', 'model', 'ema'}."""
     check_train_config(config, source_name)
     rank, world_size, device = setup_distributed(config)
     micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
@@ -286,7 +288,7 @@ def train(config: dict, source_name: str = "config") -> dict:
     model = DiR.from_spec(spec, seed=config["seed"])
     ema = frozen_copy(model)
     optimizer = build_optimizer(model, config)
-    objective = DDPMObjective(config["diffusion_steps"], config["noise_schedule"], spec.learn_sigma)
+    objective = build_objective(config, spec.learn_sigma)
     layout = RunLayout(config["run_dir"], EXTENSION)
 
     start_step, rng = 0, None
@@ -354,7 +356,8 @@ def train(config: dict, source_name: str = "config") -> dict:
         plot_loss_curve(layout.log, layout.loss_curve)
     if world_size > 1:
         dist.barrier()
-    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step))}
+    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step)),
+            "model": unwrap(model), "ema": ema}
 
 
 def main(argv=None) -> None:

@@ -80,12 +80,6 @@ def _reverse_exclusive_cumsum(x, dim: int):
     return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
 
 
-def _transpose_last(x):
-    perm = list(range(x.ndim))
-    perm[-1], perm[-2] = perm[-2], perm[-1]
-    return x.transpose(perm)
-
-
 def _pairwise_scores(r, k, w):
     """Each (t, s) pair with its own exponent: exact for any decay, costs S*K per token.
 
@@ -158,6 +152,8 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
     """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
     batch, heads, length, dk = r.shape
     dv = v.shape[-1]
+    if length < chunk_size:  # one chunk, padded only up to whole sub-chunks
+        chunk_size = -(-length // sub_chunk_size) * sub_chunk_size
     pad = (-length) % chunk_size
     if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
         r, k, v, w = (paddle.concat([x, paddle.zeros([batch, heads, pad, x.shape[-1]], dtype=x.dtype)], axis=2)

@@ -48,7 +48,7 @@ def load_model(ckpt: str, weights: str, device) -> tuple[DiR, DiRSpec, dict | No
     model = DiR(spec)
     model.load_state_dict(checkpoint[weights])
     tqdm.write(f"loaded {weights} weights of step {checkpoint['step']} from {path}")
-    return model.to(device).eval(), spec, dict(checkpoint["config"])
+    return model.to(device).eval(), spec, dict(checkpoint["config"]) or None  # converted files hold {}
 
 
 def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:

@@ -124,6 +124,9 @@ def load_checkpoint(path, model, ema, optimizer, spec: DiRSpec) -> tuple[int, di
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
     check_train_checkpoint(checkpoint, path, spec)
+    if checkpoint["optimizer"] is None:
+        raise CheckpointError(f"{path}: holds weights only (no optimizer state), so training cannot resume "
+                              "from it; sample from it, or convert it to canonical .safetensors")
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])

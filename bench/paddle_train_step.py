@@ -1,0 +1,111 @@
+"""One DiR training step in PaddlePaddle, timed: the same step as bench/torch_train_step.py.
+
+Self-contained like the PyTorch script (it does not use backends/paddle/train.py):
+sample t ~ U{0..999}, noise x0 with DiT's linear-beta schedule (1e-4 .. 0.02, 1000
+steps), predict eps with DiR (the first in_channels output channels; the
+learned-sigma half is ignored), MSE against the noise, backward, AdamW step (lr 1e-4,
+weight decay 0). Inputs are random latents and labels, fixed across steps.
+
+    python -m bench.paddle_train_step --model DiR-S/2 --input-size 32 --depth 2 --batch 8
+
+prints a line ``BENCH_RESULT {json}`` with ``step_s`` (= ``median_step_s``, the median
+seconds per step after --warmup untimed steps) and ``config``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # also runs as a file
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.util import emit  # noqa: E402  (bench.util imports no framework at module level)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Time a DiR training step in PaddlePaddle.")
+    parser.add_argument("--model", default="DiR-S/2", help="spec preset (common/spec.py)")
+    parser.add_argument("--input-size", type=int, default=32, help="latent side; tokens = (side/patch)^2")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
+    parser.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (gpu) | xpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import numpy as np
+    import paddle
+    import paddle.nn.functional as F
+
+    from backends.paddle.models import DiR
+    from common.spec import build_spec
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    if args.device == "auto":
+        device = "gpu" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
+    else:
+        device = {"cuda": "gpu"}.get(args.device, args.device)
+    paddle.set_device(device)
+    overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
+    for key in ("depth", "scan", "patch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    spec = build_spec(args.model, **overrides)
+    paddle.seed(args.seed)
+    build_start = time.perf_counter()
+    model = DiR.from_spec(spec, seed=args.seed)
+    model.train()
+    build_s = time.perf_counter() - build_start
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters(), weight_decay=0.0)
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    alphas_cumprod = paddle.to_tensor(np.cumprod(1.0 - betas).astype(np.float32))
+
+    n, c, s = args.batch, spec.in_channels, spec.input_size
+    x0 = paddle.randn([n, c, s, s])
+    y = paddle.randint(0, spec.num_classes, [n], dtype="int64")
+    losses = []
+
+    def step():
+        t = paddle.randint(0, 1000, [n], dtype="int64")
+        noise = paddle.randn(x0.shape)
+        abar = paddle.gather(alphas_cumprod, t).reshape([n, 1, 1, 1])
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        loss = F.mse_loss(model(x_t, t, y)[:, :c], noise)
+        optimizer.clear_grad(set_to_zero=False)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))  # like torch's .item(): waits for the device
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(max(1, args.repeats)):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    config = {"model": args.model, "input_size": args.input_size, "batch": n, "overrides": overrides}
+    emit({"backend": "paddle", "framework_version": paddle.__version__, "device": device, "threads": threads,
+          "model": args.model, "config": config, "spec": spec.to_dict(), "batch": n, "tokens": spec.num_patches,
+          "params": sum(int(p.size) for p in model.parameters()),
+          "step_s": median, "median_step_s": median, "times_s": times, "warmup": args.warmup,
+          "repeats": len(times), "build_s": build_s,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+          "loss_first": losses[0], "loss_last": losses[-1]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The benchmark runner end to end at its tiny --smoke setting: files, fields, positive ratios.
+
+The figures themselves are not checked (tiny sizes on a shared CPU measure overheads);
+that the pipeline runs and writes what bench/README.md documents is.
+"""
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_python
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+pytestmark = pytest.mark.torch
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
+    proc = run_python(["-m", "bench.run", "--smoke", "--out-dir", str(tmp_path)], timeout=600)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    jsons = [f for f in files if f.endswith(".json")]
+    assert len(jsons) == 1, files
+    results = json.loads((tmp_path / jsons[0]).read_text())
+    stem = jsons[0][: -len(".json")]
+    for suffix in (".md", "-wkv.png", "-scaling-time.png", "-scaling-memory.png"):
+        assert stem + suffix in files, (suffix, files)
+    assert (tmp_path / f"{stem}-wkv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert results["mode"] == "smoke"
+    for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "backends",
+                "targets", "notes", "files"):
+        assert key in results, key
+    for key in ("host", "device", "cpu", "cpu_count", "torch", "torch_threads"):
+        assert key in results["machine"], key
+
+    # WKV6: every length, positive times and ratios, chunked agrees with the reference
+    wkv = results["wkv"]
+    assert [row["T"] for row in wkv["rows"]] == wkv["config"]["lengths"]
+    for row in wkv["rows"]:
+        for key in ("chunked_fwd_s", "chunked_fwd_bwd_s", "reference_fwd_s", "reference_fwd_bwd_s", "matmul_s",
+                    "speedup_fwd", "speedup_fwd_bwd", "chunked_fwd_over_matmul", "chunked_fwd_matmul_flops"):
+            assert _positive(row[key]), (key, row[key])
+        assert row["max_abs_err_vs_reference"] < 1e-4
+    assert _positive(wkv["peak_gemm"]["gflops"])
+
+    # DiR vs DiT: every (model, tokens) pair ran, with memory, ratios and slopes
+    scaling = results["scaling"]
+    pairs = {(row["model"], row["tokens"]) for row in scaling["rows"] if row["status"] == "ok"}
+    assert pairs == {(m, t) for m in ("dit", "dir-causal", "dir-bidirectional") for t in scaling["config"]["tokens"]}
+    for row in scaling["rows"]:
+        assert _positive(row["per_image_s"]) and _positive(row["peak_mem_mb"]) and row["step_peak_mb"] >= 0
+    ratios = scaling["summary"]["ratios"]
+    for model in ("dir-causal", "dir-bidirectional"):
+        for tokens in scaling["config"]["tokens"]:
+            assert _positive(ratios[f"dit_over_{model}@{tokens}"])
+        assert isinstance(scaling["summary"]["slopes"][model], float)
+
+    # training step: torch ran in its own process and is its own reference
+    torch_row = next(row for row in results["backends"]["rows"] if row["backend"] == "torch")
+    assert torch_row["status"] == "ok", torch_row
+    assert _positive(torch_row["step_s"]) and torch_row["ratio_to_torch"] == pytest.approx(1.0)
+
+    markdown = (tmp_path / f"{stem}.md").read_text()
+    assert "| T |" in markdown and "DiR vs DiT" in markdown and "Training step per backend" in markdown
+    assert "wrote" in proc.stdout
+
+
+def test_quick_mode_covers_the_issue_sizes():
+    """The figures the issues ask for are what --quick measures (not run here: minutes)."""
+    from bench.run import MODES
+
+    quick = MODES["quick"]
+    assert tuple(quick["wkv"]["lengths"]) == (256, 1024, 4096)
+    assert (quick["wkv"]["batch"], quick["wkv"]["heads"], quick["wkv"]["head_size"]) == (2, 6, 64)
+    assert tuple(quick["scaling"]["tokens"]) == (256, 1024, 4096, 16384)
+    assert (quick["scaling"]["width"], quick["scaling"]["head_size"]) == (384, 64)
+    assert set(quick["backends"]["backends"]) == {"torch", "paddle", "mindspore"}
+
+
+def test_missing_backend_script_is_not_available(monkeypatch, tmp_path):
+    from bench import train_steps
+
+    monkeypatch.setattr(train_steps, "script_path", lambda backend: tmp_path / f"{backend}_train_step.py")
+    row = train_steps.run_backend("paddle", {"batch": 2}, timeout=10)
+    assert row["status"] == "not available" and "not installed" in row["reason"]
+
+
+def test_option_map_and_result_parsing():
+    from bench.train_steps import _option_map, parse_result, step_seconds
+
+    help_text = "usage: x [-h] [--batch-size BATCH_SIZE] [--warmup WARMUP] [--steps STEPS]\n  --depth DEPTH  blocks"
+    options = _option_map(help_text)
+    assert options == {"batch": "--batch-size", "warmup": "--warmup", "repeats": "--steps", "depth": "--depth"}
+    assert step_seconds(parse_result('noise\nBENCH_RESULT {"step_s": 0.5}\n')) == 0.5
+    assert step_seconds(parse_result('log line\n{"step_ms": 250.0}\n')) == 0.25

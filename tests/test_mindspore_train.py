@@ -1,0 +1,128 @@
+"""MindSpore training and sampling: run folder, .ckpt layout, exact resume, sample CLI, and
+2-worker data parallel through msrun (ranks end with identical weights).
+
+Every MindSpore run is its own process (``python -m backends.mindspore.train ...``, or this
+file as the msrun worker script), tiny sizes, PyNative mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TINY = ["--dataset", "digits", "--image_size", "8", "--hidden_size", "64", "--depth", "2", "--global_batch_size", "8",
+        "--lr", "1e-3", "--warmup_steps", "2", "--lr_schedule", "constant", "--ema_decay", "0.9", "--log_every", "1",
+        "--ckpt_every", "1", "--sample_every", "-1", "--seed", "7", "--mix_lora_rank", "8", "--decay_lora_rank", "16"]
+
+
+def worker(run_dir: str, *extra: str) -> None:
+    """msrun worker: train, then dump this rank's canonical weights."""
+    from backends.mindspore.train import train
+    from common.config import TRAIN_SCHEMA, parse_cli
+
+    config, _ = parse_cli([*TINY, "--run_dir", run_dir, *extra], TRAIN_SCHEMA, "test")
+    result = train(config)
+    rank = int(os.environ.get("RANK_ID", "0"))
+    np.savez(Path(run_dir) / f"rank{rank}_weights.npz", **result["model"].canonical_state())
+
+
+if __name__ != "__main__":
+    import pytest
+
+    pytest.importorskip("mindspore")
+    from tests.conftest import REPO_ROOT, run_python
+
+    def ms_train(run_dir, *extra):
+        return run_python(["-m", "backends.mindspore.train", *TINY, "--run_dir", str(run_dir), *extra],
+                          env_extra={"OMP_NUM_THREADS": "2"}, cwd=run_dir.parent)
+
+    def read(path):
+        code = ("import json,sys; from backends.mindspore.train import read_checkpoint; c=read_checkpoint(sys.argv[1]);"
+                "print(json.dumps({'step': c['step'], 'spec': c['spec'], 'config_seed': c['config']['seed'],"
+                "'model': sorted(c['model']), 'ema': sorted(c['ema']), 'optimizer': sorted(c['optimizer'])}))")
+        out = run_python(["-c", code, str(path)]).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    @pytest.fixture(scope="module")
+    def runs(tmp_path_factory):
+        root = tmp_path_factory.mktemp("ms_train")
+        full, part = root / "full", root / "part"
+        full.mkdir(), part.mkdir()
+        ms_train(full, "--max_steps", "2", "--grad_accum_steps", "2")
+        ms_train(part, "--max_steps", "1", "--grad_accum_steps", "2")
+        ms_train(part, "--max_steps", "2", "--grad_accum_steps", "2", "--resume", "auto")
+        return full, part
+
+    def test_run_layout_and_checkpoint_layout(runs):
+        full, _ = runs
+        for name in ("config.yaml", "log.jsonl", "loss.png", "checkpoints/0000001.ckpt", "checkpoints/0000002.ckpt"):
+            assert (full / name).is_file(), name
+        checkpoint = read(full / "checkpoints/0000002.ckpt")
+        assert checkpoint["step"] == 2 and checkpoint["spec"]["hidden_size"] == 64 and checkpoint["config_seed"] == 7
+        assert "blocks.0.att.key.weight" in checkpoint["model"]
+        assert "y_embedder.embedding_table.embedding_table" in checkpoint["model"]
+        assert "blocks.0.att.ln_x.gamma" in checkpoint["model"]
+        assert checkpoint["ema"] == checkpoint["model"]
+        assert "exp_avg.blocks.0.att.key.weight" in checkpoint["optimizer"] and "state_step" in checkpoint["optimizer"]
+        assert not list((full / "checkpoints").glob("*.tmp*"))
+
+    def test_resume_is_exact(runs):
+        full, part = runs
+        rows = lambda d: {json.loads(line)["step"]: json.loads(line)["loss"]  # noqa: E731
+                          for line in (d / "log.jsonl").read_text().splitlines() if '"loss"' in line}
+        a, b = rows(full), rows(part)
+        assert sorted(a) == sorted(b) == [1, 2]
+        for step in a:
+            assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+    def test_sample_cli_writes_outputs(runs, tmp_path):
+        full, _ = runs
+        out = tmp_path / "samples"
+        run_python(["-m", "backends.mindspore.sample", "--ckpt", str(full), "--num_per_class", "1",
+                    "--sampler", "ddim", "--num_sampling_steps", "3", "--cfg_scale", "2.0", "--classes", "[0, 3]",
+                    "--out_dir", str(out), "--save_images", "false"], env_extra={"OMP_NUM_THREADS": "2"}, cwd=tmp_path)
+        with np.load(out / "samples.npz") as data:
+            assert data["arr_0"].shape == (2, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+            assert list(data["arr_1"]) == [0, 3]
+        assert (out / "grid.png").is_file()
+
+    def test_cli_errors(tmp_path):
+        with pytest.raises(AssertionError, match="unknown key '--max_step'"):
+            run_python(["-m", "backends.mindspore.train", "--max_step", "3"], cwd=tmp_path)
+        with pytest.raises(AssertionError, match="--mode 'eager' is not allowed"):
+            run_python(["-m", "backends.mindspore.train", "--mode", "eager"], cwd=tmp_path)
+
+    @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
+    def test_msrun_two_workers_hold_identical_weights(tmp_path):
+        run_dir = tmp_path / "ddp"
+        run_dir.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
+                   PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        port = str(8200 + os.getpid() % 500)
+        proc = subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--join", "True",
+                               "--master_port", port, "--log_dir", str(tmp_path / "logs"),
+                               str(Path(__file__).resolve()), "worker", str(run_dir), "--max_steps", "2"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+        a, b = np.load(run_dir / "rank0_weights.npz"), np.load(run_dir / "rank1_weights.npz")
+        init = __import__("common.params", fromlist=["init_canonical"])
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert "world_size=2" in (run_dir / "log.jsonl").read_text()
+        assert (run_dir / "checkpoints/0000002.ckpt").is_file()
+        del init
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        worker(sys.argv[2], *sys.argv[3:])
