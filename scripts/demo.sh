@@ -4,12 +4,9 @@
 # Usage: bash scripts/demo.sh [extra train overrides, e.g. --max_steps 100]
 # Outputs: runs/digits/{checkpoints/,loss.png,log.jsonl,samples_eval/grid.png,samples_eval/samples.npz,eval.json}
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
-else PY=python; fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 start=$(date +%s)
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"  # creates .venv on first use
+PY=python
 
 "$PY" -m backends.torch.train -c configs/train/digits.yaml "$@"
 "$PY" -m backends.torch.sample -c configs/sample/digits.yaml

@@ -9,6 +9,13 @@ os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
 
+# MindSpore and Paddle both ship libdnnl.so.3, and Paddle's lacks symbols MindSpore needs:
+# whichever test files are collected, MindSpore must be loaded first.
+try:
+    import mindspore  # noqa: E402,F401
+except ImportError:
+    pass
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -177,13 +177,7 @@ def test_converted_pth_loads_in_torch_sampler_without_flags(assets):
     bf16 = {k: bf16_bits_to_float32(float32_to_bf16_bits(v)) for k, v in assets["ema"].items()}
     net, _, _ = load_model(str(assets["files"]["torch", "bf16"]), "ema", torch.device("cpu"))
     assert same_bits(net.canonical_state(), bf16)
-    from common.checkpoint import CheckpointError
-    try:
-        net, _, _ = load_model(str(assets["files"]["safetensors", "bf16"]), "ema", torch.device("cpu"))
-    except CheckpointError as err:
-        assert "bfloat16" in str(err)
-        pytest.xfail("common/checkpoint.read_safetensors (safetensors.numpy) cannot read BF16; it should use "
-                     "common.formats.read_safetensors and widen bf16 to float32")
+    net, _, _ = load_model(str(assets["files"]["safetensors", "bf16"]), "ema", torch.device("cpu"))
     assert same_bits(net.canonical_state(), bf16)
 
 
@@ -297,9 +291,7 @@ def test_paddle_reads_converted_files_and_matches_torch(assets, tmp_path):
         convert("--src", tmp_path / "paddle_train.pdparams", "--dst", tmp_path / "pt.safetensors", "--weights", "model")
         assert same_bits(load_canonical(tmp_path / "pt.safetensors")[0], assets["ema"])
         assert read_contents(tmp_path / "paddle_train.pdparams").step == 7
-    if not result["sample_bf16"]:
-        pytest.xfail("backends/paddle/train.py read_checkpoint uses paddle.load(return_numpy=True), which gives "
-                     "bf16 as uint16 bits; it should use common.formats.load_pdparams(path, decode_bf16=True)")
+    assert result["sample_bf16"], "backends/paddle/sample.py misreads a bf16 .pdparams"
 
 
 MINDSPORE_CHECK = """

@@ -55,7 +55,7 @@ def load_model(ckpt: str, weights: str) -> tuple[DiR, DiRSpec, dict | None]:
     load_state(model, checkpoint[weights], path, weights)
     tqdm.write(f"loaded {weights} weights of step {checkpoint['step']} from {path}")
     model.set_train(False)
-    return model, spec, dict(checkpoint["config"])
+    return model, spec, dict(checkpoint["config"]) or None  # converted files hold {}
 
 
 def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:

@@ -66,7 +66,7 @@ def load_model(ckpt: str, weights: str, device) -> tuple[DiR, DiRSpec, dict | No
         raise CheckpointError(str(err)) from None
     tqdm.write(f"loaded {weights} weights of step {checkpoint['step']} from {path}")
     model.eval()
-    return model, spec, dict(checkpoint["config"])
+    return model, spec, dict(checkpoint["config"]) or None  # converted files hold {}
 
 
 def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:

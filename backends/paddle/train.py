@@ -196,7 +196,7 @@ def read_checkpoint(path) -> dict:
     through the shared restricted unpickler (nothing in the file is ever called)."""
     from common.formats import load_pdparams
 
-    return load_pdparams(path)
+    return load_pdparams(path, decode_bf16=True)  # bf16 is stored as uint16 bits
 
 
 def load_checkpoint(path, model, ema, optimizer, spec: DiRSpec) -> tuple[int, dict]:
