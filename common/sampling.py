@@ -18,6 +18,7 @@ from common.checkpoint import atomic_path, atomic_write
 from common.config import ConfigError, closest_key
 from common.data import DIGIT_NAMES
 from common.images import make_grid, save_png
+from common.spec import DiRSpec
 
 IMAGENET_CLASSES_JSON = Path(__file__).with_name("imagenet_classes.json")
 
@@ -160,3 +161,15 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
     return images, labels.astype(np.int64)
 
+
+def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:
+    """Whether samples are VAE latents to decode (canonical weights carry no config: 4 channels are)."""
+    if train_config is not None:
+        return train_config.get("dataset") == "latents"
+    return spec.in_channels == 4
+
+
+def diffusion_settings(train_config: dict | None) -> tuple[int, str]:
+    """The training schedule (DiT's 1000 linear steps for canonical weights without a config)."""
+    config = train_config or {}
+    return int(config.get("diffusion_steps", 1000)), str(config.get("noise_schedule", "linear"))

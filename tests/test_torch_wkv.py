@@ -105,3 +105,20 @@ def test_low_precision_inputs_keep_an_fp32_state():
     out = wkv6(*(x.to(torch.bfloat16) for x in (r, k, v, w, u)))
     assert out.dtype == torch.bfloat16
     assert rel(out.float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_chunks_take_the_fast_or_exact_path_independently(bidirectional):
+    """Mild chunks factorise, a strongly decaying chunk is split: the mix is still exact."""
+    from backends.torch import wkv
+
+    r, k, v, w, u = (x.requires_grad_() for x in make_inputs(200, torch.float64, "init"))
+    strong = w.detach().clone()
+    strong[:, 64:128] = -5.0  # 64 * 5 > MAX_FACTORISED_EXPONENT: this chunk must not factorise
+    strong.requires_grad_()
+    assert 64 * 5.0 > wkv.MAX_FACTORISED_EXPONENT[torch.float64]
+    out = wkv6(r, k, v, strong, u, bidirectional=bidirectional)
+    ref = wkv6_reference(r, k, v, strong, u, bidirectional=bidirectional)
+    assert rel(out, ref) < 1e-10
+    for a, b in zip(torch.autograd.grad(out.sum(), (r, strong)), torch.autograd.grad(ref.sum(), (r, strong))):
+        assert rel(a, b) < 1e-10

@@ -26,7 +26,8 @@ from common.checkpoint import CheckpointError, load_canonical  # noqa: E402
 from common.config import SAMPLE_SCHEMA, ConfigError, check_sample_config, parse_cli  # noqa: E402
 from common.diffusion import make_schedule  # noqa: E402
 from common.images import to_uint8_nhwc  # noqa: E402
-from common.sampling import batches, class_names_for, parse_classes, sample_labels, write_outputs  # noqa: E402
+from common.sampling import (batches, class_names_for, diffusion_settings, is_latent_model, parse_classes,
+                             sample_labels, write_outputs)  # noqa: E402
 from common.spec import DiRSpec  # noqa: E402
 from common.training import check_train_checkpoint, find_checkpoint  # noqa: E402
 
@@ -56,18 +57,6 @@ def load_model(ckpt: str, weights: str) -> tuple[DiR, DiRSpec, dict | None]:
     tqdm.write(f"loaded {weights} weights of step {checkpoint['step']} from {path}")
     model.set_train(False)
     return model, spec, dict(checkpoint["config"]) or None  # converted files hold {}
-
-
-def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:
-    if train_config is not None:
-        return train_config.get("dataset") == "latents"
-    return spec.in_channels == 4
-
-
-def diffusion_settings(train_config: dict | None) -> tuple[int, str]:
-    """The training schedule (DiT's 1000 linear steps for canonical weights without a config)."""
-    config = train_config or {}
-    return int(config.get("diffusion_steps", 1000)), str(config.get("noise_schedule", "linear"))
 
 
 def generate(model, spec: DiRSpec, sampler: Sampler, labels: np.ndarray, config: dict, vae=None) -> np.ndarray:

@@ -187,9 +187,11 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int, branch: s
         chunk_kv = ops.matmul((k * ops.exp(decay_after)).swapaxes(-1, -2), v)  # [B, H, N, K, V]
         state = ops.zeros((batch, heads, dk, dv), r.dtype)
         states = []
+        # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
+        decays, kvs = ops.unbind(chunk_decay.expand_dims(-1), 2), ops.unbind(chunk_kv, 2)
         for c in range(n_chunks):
             states.append(state)
-            state = chunk_decay[:, :, c, :, None] * state + chunk_kv[:, :, c]
+            state = decays[c] * state + kvs[c]
         out = out + ops.matmul(r * ops.exp(decay_before), ops.stack(states, axis=2))
     return out.reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :length]
 

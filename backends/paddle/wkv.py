@@ -170,9 +170,10 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
         chunk_kv = paddle.matmul(k * paddle.exp(decay_after), v, transpose_x=True)  # [B, H, N, K, V]
         state = paddle.zeros([batch, heads, dk, dv], dtype=r.dtype)
         states = []
-        for c in range(n_chunks):
+        # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
+        for decay, kv in zip(paddle.unbind(chunk_decay.unsqueeze(-1), axis=2), paddle.unbind(chunk_kv, axis=2)):
             states.append(state)
-            state = chunk_decay[:, :, c, :, None] * state + chunk_kv[:, :, c]
+            state = decay * state + kv
         out = out + paddle.matmul(r * paddle.exp(decay_before), paddle.stack(states, axis=2))
     return out.reshape([batch, heads, n_chunks * chunk_size, dv])[:, :, :length]
 

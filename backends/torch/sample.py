@@ -19,7 +19,8 @@ from common.checkpoint import CheckpointError, load_canonical
 from common.config import SAMPLE_SCHEMA, ConfigError, check_sample_config, parse_cli
 from common.diffusion import make_schedule
 from common.images import to_uint8_nhwc
-from common.sampling import batches, class_names_for, parse_classes, sample_labels, write_outputs
+from common.sampling import (batches, class_names_for, diffusion_settings, is_latent_model, parse_classes,
+                             sample_labels, write_outputs)
 from common.spec import DiRSpec
 from common.training import check_train_checkpoint, find_checkpoint
 
@@ -49,18 +50,6 @@ def load_model(ckpt: str, weights: str, device) -> tuple[DiR, DiRSpec, dict | No
     model.load_state_dict(checkpoint[weights])
     tqdm.write(f"loaded {weights} weights of step {checkpoint['step']} from {path}")
     return model.to(device).eval(), spec, dict(checkpoint["config"]) or None  # converted files hold {}
-
-
-def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:
-    if train_config is not None:
-        return train_config.get("dataset") == "latents"
-    return spec.in_channels == 4
-
-
-def diffusion_settings(train_config: dict | None) -> tuple[int, str]:
-    """The training schedule (DiT's 1000 linear steps for canonical weights without a config)."""
-    config = train_config or {}
-    return int(config.get("diffusion_steps", 1000)), str(config.get("noise_schedule", "linear"))
 
 
 @torch.no_grad()

@@ -90,23 +90,39 @@ def _pairwise_scores(r, k, w):
     return scores * torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
 
 
-def _factorisable(w, decay_before) -> bool:
-    """True when exp(sum of |w| over any span) stays below exp(MAX_FACTORISED_EXPONENT)."""
+def _factorisable(w, decay_before):
+    """Per chunk [...]: True where exp(sum of |w| over the chunk) stays below exp(MAX_FACTORISED_EXPONENT)."""
     span_total = -(decay_before[..., -1, :] + w[..., -1, :]).detach()
-    return float(span_total.max()) <= MAX_FACTORISED_EXPONENT[w.dtype]
+    return span_total.amax(dim=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]
+
+
+def _factorised_scores(r, k, w, decay_before):
+    """exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded."""
+    size = r.shape[-2]
+    earlier = torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
+    return ((r * torch.exp(decay_before)) @ (k * torch.exp(-(decay_before + w))).transpose(-1, -2)) * earlier
 
 
 def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     """scores[t, s] = sum_k r_t k_s exp(w_{s+1} + ... + w_{t-1}) for s < t, else 0.
 
     r, k, w: [..., L, K]; ``decay_before`` is the exclusive cumsum of w along L.
-    Returns [..., L, L].
+    Returns [..., L, L]. The choice between the fast factorised form and the exact
+    split is made chunk by chunk, so one strongly decaying chunk does not slow the rest.
     """
     size = r.shape[-2]
-    earlier = torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
-    if _factorisable(w, decay_before):
-        # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
-        return ((r * torch.exp(decay_before)) @ (k * torch.exp(-(decay_before + w))).transpose(-1, -2)) * earlier
+    bounded = _factorisable(w, decay_before)
+    if bool(bounded.all()):
+        return _factorised_scores(r, k, w, decay_before)
+    if bool(bounded.any()):
+        lead = r.shape[:-2]
+        r_f, k_f, w_f, before_f = (x.reshape(-1, *x.shape[-2:]) for x in (r, k, w, decay_before))
+        fast, slow = bounded.reshape(-1).nonzero().squeeze(1), (~bounded).reshape(-1).nonzero().squeeze(1)
+        scores = r_f.new_zeros(r_f.shape[0], size, size)
+        scores = scores.index_copy(0, fast, _factorised_scores(r_f[fast], k_f[fast], w_f[fast], before_f[fast]))
+        scores = scores.index_copy(0, slow, _within_chunk_scores(r_f[slow], k_f[slow], w_f[slow], before_f[slow],
+                                                                 sub_chunk_size))
+        return scores.reshape(*lead, size, size)
     if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
         return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
@@ -154,9 +170,11 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
         chunk_kv = (k * torch.exp(decay_after)).transpose(-1, -2) @ v  # [B, H, N, K, V]
         state = r.new_zeros(batch, heads, dk, dv)
         states = []
-        for c in range(n_chunks):
+        # unbind once: indexing chunk c inside the loop would make the backward pass build a
+        # full-size gradient per chunk, O(T^2) in all
+        for decay, kv in zip(chunk_decay.unsqueeze(-1).unbind(2), chunk_kv.unbind(2)):
             states.append(state)
-            state = chunk_decay[:, :, c, :, None] * state + chunk_kv[:, :, c]
+            state = decay * state + kv
         out = out + (r * torch.exp(decay_before)) @ torch.stack(states, dim=2)
     return out.reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :length]
 
