@@ -98,7 +98,7 @@ def test_guidance_mixes_conditional_and_null_predictions():
     guided = uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3])
 
     def rel(a, b):  # batch composition changes summation order, so compare norms
-        return float((a - b).norm() / b.norm())
+        return float((a - b).detach().norm() / b.detach().norm())
 
     assert rel(out[:2, :3], guided) < 1e-5 and rel(out[2:, :3], guided) < 1e-5
     assert rel(out[:2, 3:], cond[:, 3:]) < 1e-5  # the variance channels are not guided
