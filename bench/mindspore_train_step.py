@@ -13,7 +13,6 @@ time and the losses); with ``--tag`` it is prefixed ``BENCH_RESULT `` like the t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,19 +25,10 @@ if __package__ in (None, ""):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time a DiR training step in MindSpore.")
-    parser.add_argument("--model", default="DiR-S/2", help="spec preset (common/spec.py)")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side; tokens = (side/patch)^2")
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
-    parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
-    parser.add_argument("--batch", type=int, default=8)
+    from bench.util import step_parser
+
+    parser = step_parser("MindSpore", device_default="cpu", device_choices=["auto", "cpu", "ascend", "gpu"])
     parser.add_argument("--mode", default="graph", choices=["pynative", "graph"])
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles in graph mode)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "ascend", "gpu"])
     parser.add_argument("--tag", action="store_true", help="prefix the JSON line with 'BENCH_RESULT '")
     return parser.parse_args(argv)
 

@@ -13,7 +13,6 @@ seconds per step after --warmup untimed steps) and ``config``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -28,19 +27,10 @@ from bench.util import emit  # noqa: E402  (bench.util imports no framework at m
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time a DiR training step in PaddlePaddle.")
-    parser.add_argument("--model", default="DiR-S/2", help="spec preset (common/spec.py)")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side; tokens = (side/patch)^2")
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
-    parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
+    from bench.util import step_parser
+
+    parser = step_parser("PaddlePaddle", device_help="auto | cpu | cuda (gpu) | xpu")
     parser.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (gpu) | xpu")
     return parser.parse_args(argv)
 
 

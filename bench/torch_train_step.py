@@ -13,24 +13,13 @@ after --warmup untimed steps) among other fields.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time a DiR training step in PyTorch.")
-    parser.add_argument("--model", default="DiR-S/2", help="spec preset (common/spec.py)")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side; tokens = (side/patch)^2")
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
-    parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    return parser.parse_args(argv)
+    from bench.util import step_parser
+
+    return step_parser("PyTorch").parse_args(argv)
 
 
 def main(argv=None):

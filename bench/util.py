@@ -6,6 +6,7 @@ untimed ones; on CUDA each call is bracketed by ``torch.cuda.synchronize``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -194,3 +195,21 @@ def run_child(args: list[str], *, timeout: float, threads: int | None = None) ->
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def step_parser(framework: str, device_default: str = "auto", device_help: str | None = None,
+                device_choices=None) -> argparse.ArgumentParser:
+    """The options every backend's training-step timer shares (bench/*_train_step.py)."""
+    parser = argparse.ArgumentParser(description=f"Time a DiR training step in {framework}.")
+    parser.add_argument("--model", default="DiR-S/2", help="spec preset (common/spec.py)")
+    parser.add_argument("--input-size", type=int, default=32, help="latent side; tokens = (side/patch)^2")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles in graph modes)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=device_default, choices=device_choices, help=device_help)
+    return parser
