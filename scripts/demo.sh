@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # The main job, start to finish on the embedded digits (no download, CPU is enough):
-#   train DiR-Tiny/2 on scikit-learn's digits -> sample 20 per class -> score them.
-# Usage: bash scripts/demo.sh [extra train overrides, e.g. --max_steps 100]
-# Outputs: runs/digits/{checkpoints/,loss.png,log.jsonl,samples_eval/grid.png,samples_eval/samples.npz,eval.json}
+#   train DiR-Tiny on scikit-learn's digits -> sample 20 per class -> score them.
+# Usage: bash scripts/demo.sh [torch|paddle|mindspore] [extra train overrides, e.g. --max_steps 100]
+# Outputs (torch): runs/digits/{checkpoints/,loss.png,log.jsonl,samples_eval/grid.png,samples_eval/samples.npz,eval.json}
+# Paddle writes to runs/digits_paddle/, MindSpore to runs/digits_mindspore/.
 set -euo pipefail
 start=$(date +%s)
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"  # creates .venv on first use
+backend=torch
+if [[ $# -gt 0 && $1 != -* ]]; then
+  backend=$1
+  shift
+fi
+case "$backend" in
+  torch) run_dir=runs/digits ;;
+  paddle) run_dir=runs/digits_paddle ;;
+  mindspore) run_dir=runs/digits_mindspore ;;
+  *) echo "error: backend '$backend' unknown; expected torch, paddle or mindspore" >&2; exit 2 ;;
+esac
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" requirements/dev.txt  # creates .venv on first use
 PY=python
 
-"$PY" -m backends.torch.train -c configs/train/digits.yaml "$@"
-"$PY" -m backends.torch.sample -c configs/sample/digits.yaml
-"$PY" -m tools.eval_digits runs/digits/samples_eval/samples.npz --json runs/digits/eval.json --min-accuracy 0.9
+"$PY" -m "backends.$backend.train" -c configs/train/digits.yaml --run_dir "$run_dir" "$@"
+"$PY" -m "backends.$backend.sample" -c configs/sample/digits.yaml --ckpt "$run_dir" --out_dir "$run_dir/samples_eval"
+"$PY" -m tools.eval_digits "$run_dir/samples_eval/samples.npz" --json "$run_dir/eval.json" --min-accuracy 0.9
 
-echo "demo finished in $(( $(date +%s) - start )) s; grid: runs/digits/samples_eval/grid.png, scores: runs/digits/eval.json"
+echo "demo ($backend) finished in $(( $(date +%s) - start )) s; grid: $run_dir/samples_eval/grid.png, scores: $run_dir/eval.json"
