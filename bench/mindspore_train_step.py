@@ -47,10 +47,9 @@ def main(argv=None):
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
     ms.set_context(runtime_num_threads=threads)
     overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
-    if args.depth is not None:
-        overrides["depth"] = args.depth
-    if args.scan is not None:
-        overrides["scan"] = args.scan
+    for key in ("depth", "scan", "patch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     spec = build_spec(args.model, **overrides)
     ms.set_seed(args.seed)
     build_start = time.perf_counter()

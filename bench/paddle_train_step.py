@@ -30,7 +30,6 @@ def parse_args(argv=None):
     from bench.util import step_parser
 
     parser = step_parser("PaddlePaddle", device_help="auto | cpu | cuda (gpu) | xpu")
-    parser.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
     return parser.parse_args(argv)
 
 

@@ -128,12 +128,16 @@ def markdown(results: dict, plot_names: dict) -> str:
             if plot_names.get(key):
                 lines += [f"![{key}]({plot_names[key]})", ""]
 
-    be = results.get("backends")
-    if be:
+    for key, title in (("backends_demo", "Training step per backend: the digits demo config"),
+                       ("backends", "Training step per backend")):
+        be = results.get(key)
+        if not be:
+            continue
         c = be["config"]
-        lines += ["## Training step per backend", "",
-                  f"Config: {c['model']}, {c['input_size']}x{c['input_size']}x{c['in_channels']} latents "
-                  f"({(c['input_size'] // 2) ** 2} tokens), depth {c['depth']}, batch {c['batch']}, "
+        patch = c.get("patch_size") or 2
+        lines += [f"## {title}", "",
+                  f"Config: {c['model']}, {c['input_size']}x{c['input_size']}x{c['in_channels']} inputs "
+                  f"({(c['input_size'] // patch) ** 2} tokens of {patch}x{patch}), depth {c['depth']}, batch {c['batch']}, "
                   f"{c['num_classes']} classes; median of {c['repeats']} steps after {c['warmup']} warm-up. "
                   f"{be['step']}.", "",
                   "| backend | status | ms/step | ratio to PyTorch |", "|---|---|---|---|"]

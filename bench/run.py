@@ -6,8 +6,9 @@ Sections (``--sections`` picks a subset):
             and the chunked forward against a plain bmm of the same FLOPs
   scaling   DiR (causal, bidirectional) vs a DiT baseline of the same width, depth and
             patch: forward+backward time per image and peak memory against tokens
-  backends  one training step of each installed backend (PyTorch, Paddle, MindSpore),
-            as ratios to PyTorch
+  backends_demo  one training step of the digits demo config (configs/train/digits.yaml)
+            in each installed backend (PyTorch, Paddle, MindSpore), as ratios to PyTorch
+  backends  the same for DiR-S/2 at 256 tokens
 
 Writes bench/results/<date>-<host>.json (``-full`` / ``-smoke`` appended for those
 modes), the same figures as a Markdown table (.md) and PNG plots next to them. It
@@ -26,7 +27,9 @@ from pathlib import Path
 
 from bench.util import REPO_ROOT
 
-SECTIONS = ("wkv", "scaling", "backends")
+SECTIONS = ("wkv", "scaling", "backends_demo", "backends")
+# configs/train/digits.yaml as a step: DiR-Tiny, 16x16x1 pixels in 4x4 patches (16 tokens), depth 4, batch 32
+DEMO_STEP = dict(model="DiR-Tiny/2", input_size=16, patch_size=4, in_channels=1, num_classes=10, depth=4, batch=32)
 
 MODES = {
     # a few seconds: the shape of the output, not the figures (tests/test_bench_smoke.py)
@@ -35,6 +38,8 @@ MODES = {
                     ref_repeats={32: 1, 128: 1}, gemm_size=256),
         "scaling": dict(tokens=(16, 64), width=64, head_size=32, depth=1, token_budget=64, warmup=0, repeats=1,
                         repeats_large=None, timeout=120, in_process=True),
+        "backends_demo": dict(config=dict(DEMO_STEP, depth=1, batch=2, warmup=0, repeats=1), timeout=120,
+                              backends=("torch",)),
         "backends": dict(config=dict(model="DiR-Tiny/2", input_size=8, in_channels=4, num_classes=10, depth=1,
                                      batch=2, warmup=0, repeats=1), timeout=120, backends=("torch",)),
     },
@@ -44,6 +49,8 @@ MODES = {
                     ref_repeats={256: 3, 1024: 1, 4096: 1}),
         "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=1, token_budget=4096,
                         warmup=1, repeats=3, repeats_large=2, timeout=900),
+        "backends_demo": dict(config=dict(DEMO_STEP, warmup=2, repeats=10), timeout=900,
+                              backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=2,
                                      batch=8, warmup=1, repeats=3), timeout=900,
                          backends=("torch", "paddle", "mindspore")),
@@ -54,6 +61,8 @@ MODES = {
                     ref_repeats={256: 5, 1024: 3, 4096: 3}),
         "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=2, token_budget=4096,
                         warmup=1, repeats=5, repeats_large=3, timeout=1800),
+        "backends_demo": dict(config=dict(DEMO_STEP, warmup=3, repeats=30), timeout=1800,
+                              backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=12,
                                      batch=8, warmup=2, repeats=7), timeout=1800,
                          backends=("torch", "paddle", "mindspore")),
@@ -155,13 +164,13 @@ def main(argv=None) -> dict:
 
             cfg = dict(plan["scaling"])
             results["scaling"] = run_scaling(cfg.pop("tokens"), device=device, threads=threads, log=log, **cfg)
-        elif section == "backends":
+        elif section in ("backends_demo", "backends"):
             from bench.train_steps import run_backends
 
-            cfg = plan["backends"]
+            cfg = plan[section]
             config = dict(cfg["config"], device=device)
-            results["backends"] = run_backends(config, tuple(args.backends or cfg["backends"]),
-                                               timeout=cfg["timeout"], threads=threads, log=log)
+            results[section] = run_backends(config, tuple(args.backends or cfg["backends"]),
+                                            timeout=cfg["timeout"], threads=threads, log=log)
         results["section_wall_s"][section] = time.perf_counter() - t0
         finish(complete=False)  # what is measured so far is on disk if a later section is cut short
 

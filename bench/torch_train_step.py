@@ -34,10 +34,9 @@ def main(argv=None):
     threads = set_threads()
     device = resolve_device(args.device)
     overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
-    if args.depth is not None:
-        overrides["depth"] = args.depth
-    if args.scan is not None:
-        overrides["scan"] = args.scan
+    for key in ("depth", "scan", "patch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     spec = build_spec(args.model, **overrides)
     torch.manual_seed(args.seed)
     build_start = time.perf_counter()

@@ -30,6 +30,7 @@ OPTION_ALIASES = {
     "in_channels": ["--in-channels", "--in_channels", "--channels"],
     "num_classes": ["--num-classes", "--num_classes", "--classes"],
     "depth": ["--depth"],
+    "patch_size": ["--patch-size", "--patch_size"],
     "scan": ["--scan"],
     "batch": ["--batch", "--batch-size", "--batch_size", "--bs"],
     "warmup": ["--warmup", "--warmup-steps", "--warmup_steps", "--warm-up"],

@@ -206,6 +206,7 @@ def step_parser(framework: str, device_default: str = "auto", device_help: str |
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    parser.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
     parser.add_argument("--scan", default=None, choices=["causal", "bidirectional"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles in graph modes)")

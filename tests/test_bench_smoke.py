@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.conftest import run_python
+from tests.conftest import REPO_ROOT, run_python
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -32,7 +32,7 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
     assert (tmp_path / f"{stem}-wkv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert results["mode"] == "smoke"
-    for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "backends",
+    for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "backends", "backends_demo",
                 "targets", "notes", "files"):
         assert key in results, key
     for key in ("host", "device", "cpu", "cpu_count", "torch", "torch_threads"):
@@ -61,9 +61,13 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
         assert isinstance(scaling["summary"]["slopes"][model], float)
 
     # training step: torch ran in its own process and is its own reference
-    torch_row = next(row for row in results["backends"]["rows"] if row["backend"] == "torch")
-    assert torch_row["status"] == "ok", torch_row
-    assert _positive(torch_row["step_s"]) and torch_row["ratio_to_torch"] == pytest.approx(1.0)
+    for section in ("backends_demo", "backends"):
+        torch_row = next(row for row in results[section]["rows"] if row["backend"] == "torch")
+        assert torch_row["status"] == "ok", torch_row
+        assert _positive(torch_row["step_s"]) and torch_row["ratio_to_torch"] == pytest.approx(1.0)
+    # the demo step really is the demo's 16 tokens of 4x4 pixels
+    demo_row = next(row for row in results["backends_demo"]["rows"] if row["backend"] == "torch")
+    assert demo_row["result"]["tokens"] == 16 and demo_row["result"]["spec"]["patch_size"] == 4
 
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "| T |" in markdown and "DiR vs DiT" in markdown and "Training step per backend" in markdown
@@ -80,6 +84,19 @@ def test_quick_mode_covers_the_issue_sizes():
     assert tuple(quick["scaling"]["tokens"]) == (256, 1024, 4096, 16384)
     assert (quick["scaling"]["width"], quick["scaling"]["head_size"]) == (384, 64)
     assert set(quick["backends"]["backends"]) == {"torch", "paddle", "mindspore"}
+    assert (quick["backends"]["config"]["model"], quick["backends"]["config"]["input_size"]) == ("DiR-S/2", 32)
+    assert set(quick["backends_demo"]["backends"]) == {"torch", "paddle", "mindspore"}
+
+
+def test_demo_step_matches_the_demo_config():
+    """bench's demo step times the model and batch configs/train/digits.yaml trains."""
+    from bench.run import DEMO_STEP
+    from common.config import TRAIN_SCHEMA, parse_cli
+
+    config, _ = parse_cli(["-c", str(REPO_ROOT / "configs/train/digits.yaml")], TRAIN_SCHEMA, "t")
+    assert DEMO_STEP["input_size"] == config["image_size"] and DEMO_STEP["patch_size"] == config["patch_size"]
+    assert DEMO_STEP["depth"] == config["depth"] and DEMO_STEP["batch"] == config["global_batch_size"]
+    assert DEMO_STEP["model"] == config["model"]
 
 
 def test_missing_backend_script_is_not_available(monkeypatch, tmp_path):

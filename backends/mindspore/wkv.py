@@ -172,6 +172,9 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int, branch: s
     """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
     batch, heads, length, dk = r.shape
     dv = v.shape[-1]
+    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
+    # 4x4 grid would otherwise be computed as 64).
+    chunk_size = min(chunk_size, -(-length // sub_chunk_size) * sub_chunk_size)
     pad = (-length) % chunk_size
     if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
         r, k, v, w = (ops.concat([x, ops.zeros((batch, heads, pad, x.shape[-1]), x.dtype)], 2) for x in (r, k, v, w))

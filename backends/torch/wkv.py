@@ -155,6 +155,9 @@ def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
     dv = v.shape[-1]
     if length < chunk_size:  # one chunk, padded only up to whole sub-chunks
         chunk_size = -(-length // sub_chunk_size) * sub_chunk_size
+    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
+    # 4x4 grid would otherwise be computed as 64).
+    chunk_size = min(chunk_size, -(-length // sub_chunk_size) * sub_chunk_size)
     pad = (-length) % chunk_size
     if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
         r, k, v, w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, w))
