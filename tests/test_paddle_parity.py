@@ -29,7 +29,7 @@ from tests.conftest import run_python  # noqa: E402
 pytestmark = pytest.mark.paddle
 
 WORKER = r'''
-import inspect, sys
+import sys
 import numpy as np
 fw, inputs_path, out_path = sys.argv[1:4]
 from common.params import init_canonical
@@ -74,11 +74,7 @@ def canonical(model):
 def fixed_noise(objective, t, noise):
     """Make training_losses use the given t and noise (each framework draws its own otherwise)."""
     original = type(objective).training_losses.__get__(objective)
-    if "noise" in inspect.signature(original).parameters:
-        objective.training_losses = lambda m, x, y: original(m, x, y, t=T(t), noise=T(noise))
-    else:  # draw through the patched global RNG functions
-        torch.randint = lambda *a, **k: T(t)
-        torch.randn_like = lambda x, **k: T(noise)
+    objective.training_losses = lambda m, x, y: original(m, x, y, t=T(t), noise=T(noise))
 
 out = {}
 x, t, y = data["x"], data["t"], data["y"]

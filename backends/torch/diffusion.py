@@ -119,14 +119,18 @@ class DDPMObjective:
                  device: torch.device | str = "cpu"):
         self.diffusion = GaussianDiffusion(make_schedule(num_timesteps, noise_schedule, learn_sigma), device)
 
-    def training_losses(self, model: Callable, x_start: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_losses(self, model: Callable, x_start: torch.Tensor, y: torch.Tensor,
+                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x_start [N, C, H, W], y [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
 
-        Draws t and the noise from the global torch RNG (seeded per process).
+        Draws t [N] and the noise from the global torch RNG (seeded per process) unless given
+        (the cross-framework parity tests pass the same t and noise to every backend).
         """
         d = self.diffusion
-        t = torch.randint(0, d.num_timesteps, (x_start.shape[0],), device=x_start.device)
-        noise = torch.randn_like(x_start)
+        if t is None:
+            t = torch.randint(0, d.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        if noise is None:
+            noise = torch.randn_like(x_start)
         x_t = d.q_sample(x_start, t, noise)
         output = model(x_t, t, y).float()
         channels = x_start.shape[1]
