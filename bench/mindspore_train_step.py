@@ -41,16 +41,12 @@ def main(argv=None):
     from mindspore.experimental.optim import AdamW
 
     from backends.mindspore.models import DiR, set_execution_mode
-    from common.spec import build_spec
+    from bench.util import step_spec
 
     target = set_execution_mode(args.mode, args.device)
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
     ms.set_context(runtime_num_threads=threads)
-    overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
-    for key in ("depth", "scan", "patch_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    spec = build_spec(args.model, **overrides)
+    spec = step_spec(args)
     ms.set_seed(args.seed)
     build_start = time.perf_counter()
     model = DiR.from_spec(spec, seed=args.seed)

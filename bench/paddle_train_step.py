@@ -40,7 +40,7 @@ def main(argv=None):
     import paddle.nn.functional as F
 
     from backends.paddle.models import DiR
-    from common.spec import build_spec
+    from bench.util import step_spec
 
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
     if args.device == "auto":
@@ -48,11 +48,7 @@ def main(argv=None):
     else:
         device = {"cuda": "gpu"}.get(args.device, args.device)
     paddle.set_device(device)
-    overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
-    for key in ("depth", "scan", "patch_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    spec = build_spec(args.model, **overrides)
+    spec = step_spec(args)
     paddle.seed(args.seed)
     build_start = time.perf_counter()
     model = DiR.from_spec(spec, seed=args.seed)

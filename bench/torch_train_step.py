@@ -29,15 +29,11 @@ def main(argv=None):
 
     from backends.torch.models import DiR
     from bench.util import emit, measure, peak_rss_mb, resolve_device, set_threads
-    from common.spec import build_spec
+    from bench.util import step_spec
 
     threads = set_threads()
     device = resolve_device(args.device)
-    overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
-    for key in ("depth", "scan", "patch_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    spec = build_spec(args.model, **overrides)
+    spec = step_spec(args)
     torch.manual_seed(args.seed)
     build_start = time.perf_counter()
     model = DiR.from_spec(spec, seed=args.seed).to(device).train()

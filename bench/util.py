@@ -197,6 +197,17 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def step_spec(args):
+    """The DiRSpec a step timer's parsed options (``step_parser``) describe."""
+    from common.spec import build_spec
+
+    overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
+    for key in ("depth", "scan", "patch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return build_spec(args.model, **overrides)
+
+
 def step_parser(framework: str, device_default: str = "auto", device_help: str | None = None,
                 device_choices=None) -> argparse.ArgumentParser:
     """The options every backend's training-step timer shares (bench/*_train_step.py)."""
