@@ -8,14 +8,13 @@ the whole step (forward, backward, AdamW) is one compiled ``construct``, under
 
     python -m bench.mindspore_train_step --model DiR-S/2 --input-size 32 --batch 8 --mode graph
 
-prints one JSON line ``{"mode": ..., "median_step_s": ...}`` (plus the build/compile
+prints one JSON line ``{"mode": ..., "step_s": ...}`` (the median; plus the build/compile
 time and the losses); with ``--tag`` it is prefixed ``BENCH_RESULT `` like the torch child.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ def main(argv=None):
     from mindspore.experimental.optim import AdamW
 
     from backends.mindspore.models import DiR, set_execution_mode
-    from bench.util import step_spec
+    from bench.util import measure, step_spec
 
     target = set_execution_mode(args.mode, args.device)
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
@@ -90,16 +89,10 @@ def main(argv=None):
     first_start = time.perf_counter()
     step()
     first_s = time.perf_counter() - first_start
-    for _ in range(max(0, args.warmup - 1)):
-        step()
-    times = []
-    for _ in range(max(1, args.repeats)):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    timing = measure(step, warmup=max(0, args.warmup - 1), repeats=args.repeats)  # asnumpy() synchronises
     result = {"backend": "mindspore", "framework_version": ms.__version__, "mode": args.mode, "device": target,
               "threads": threads, "model": args.model, "spec": spec.to_dict(), "batch": n, "tokens": spec.num_patches,
-              "median_step_s": statistics.median(times), "step_s": statistics.median(times), "times_s": times,
+              "step_s": timing["median_s"], "times_s": timing["times_s"],
               "first_step_s": first_s, "build_s": build_s, "warmup": args.warmup, "repeats": args.repeats,
               "loss_first": losses[0], "loss_last": losses[-1]}
     print(("BENCH_RESULT " if args.tag else "") + json.dumps(result), flush=True)

@@ -8,14 +8,12 @@ weight decay 0). Inputs are random latents and labels, fixed across steps.
 
     python -m bench.paddle_train_step --model DiR-S/2 --input-size 32 --depth 2 --batch 8
 
-prints a line ``BENCH_RESULT {json}`` with ``step_s`` (= ``median_step_s``, the median
-seconds per step after --warmup untimed steps) and ``config``.
+prints a line ``BENCH_RESULT {json}`` with ``step_s`` (the median seconds per step
+after --warmup untimed steps) and ``spec``.
 """
 from __future__ import annotations
 
 import os
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # also runs as a file
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.util import emit  # noqa: E402  (bench.util imports no framework at module level)
+from bench.util import emit, measure, peak_rss_mb  # noqa: E402  (bench.util imports no framework at module level)
 
 
 def parse_args(argv=None):
@@ -74,21 +72,13 @@ def main(argv=None):
         optimizer.step()
         losses.append(float(loss))  # like torch's .item(): waits for the device
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(max(1, args.repeats)):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    config = {"model": args.model, "input_size": args.input_size, "batch": n, "overrides": overrides}
+    timing = measure(step, warmup=args.warmup, repeats=args.repeats)  # each step ends in float(loss): synchronised
     emit({"backend": "paddle", "framework_version": paddle.__version__, "device": device, "threads": threads,
-          "model": args.model, "config": config, "spec": spec.to_dict(), "batch": n, "tokens": spec.num_patches,
+          "model": args.model, "spec": spec.to_dict(), "batch": n, "tokens": spec.num_patches,
           "params": sum(int(p.size) for p in model.parameters()),
-          "step_s": median, "median_step_s": median, "times_s": times, "warmup": args.warmup,
-          "repeats": len(times), "build_s": build_s,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+          "step_s": timing["median_s"], "times_s": timing["times_s"], "warmup": timing["warmup"],
+          "repeats": timing["repeats"], "build_s": build_s,
+          "peak_rss_mb": peak_rss_mb(),
           "loss_first": losses[0], "loss_last": losses[-1]})
 
 

@@ -115,3 +115,20 @@ def test_option_map_and_result_parsing():
     assert options == {"batch": "--batch-size", "warmup": "--warmup", "repeats": "--steps", "depth": "--depth"}
     assert step_seconds(parse_result('noise\nBENCH_RESULT {"step_s": 0.5}\n')) == 0.5
     assert step_seconds(parse_result('log line\n{"step_ms": 250.0}\n')) == 0.25
+
+
+@pytest.mark.parametrize("backend", ["paddle", "mindspore"])
+def test_backend_step_timer_runs_the_demo_step(backend):
+    """Each backend's step timer builds the demo spec, trains and reports a positive step time
+    with a finite loss (the --smoke run above only times torch)."""
+    pytest.importorskip(backend)
+    from bench.train_steps import run_backend
+
+    config = dict(model="DiR-Tiny/2", input_size=16, patch_size=4, in_channels=1, num_classes=10, depth=1,
+                  batch=2, warmup=1, repeats=2, device="cpu")
+    row = run_backend(backend, config, timeout=300, threads=1)
+    assert row["status"] == "ok", row
+    result = row["result"]
+    assert result["tokens"] == 16 and result["spec"]["patch_size"] == 4 and result["spec"]["depth"] == 1
+    assert _positive(row["step_s"]) and len(result["times_s"]) == 2
+    assert math.isfinite(result["loss_first"]) and math.isfinite(result["loss_last"])
