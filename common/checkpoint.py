@@ -1,59 +1,22 @@
-"""Canonical weights on disk, and writing any file without leaving it half-written.
+"""Canonical weights on disk.
 
 Canonical weights are a safetensors file whose metadata holds
 ``format = dir-canonical``, ``format_version`` and ``spec`` (the DiRSpec as JSON),
-so any backend can rebuild the network from the file alone.
+so any backend can rebuild the network from the file alone. The file formats
+themselves live in ``common/formats``; this module builds on them.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from pathlib import Path
-from typing import Callable, Iterator
-
 import numpy as np
 
+from common.atomic import atomic_path, atomic_write  # re-exported until backends import common.atomic
+from common.formats import CANONICAL_FORMAT, FORMAT_VERSION, CheckpointError
+from common.formats import read_safetensors as _read_stored
 from common.params import check_state
 from common.spec import DiRSpec, SpecError
 
-CANONICAL_FORMAT = "dir-canonical"
-FORMAT_VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or not what DiR expects."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is renamed onto ``path``.
-
-    A crash or exception inside the block leaves ``path`` as it was (the old file,
-    or nothing) and removes the temp file: readers never see a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``."""
-    with atomic_path(path) as tmp:
-        write(tmp)
+__all__ = ["CANONICAL_FORMAT", "FORMAT_VERSION", "CheckpointError", "atomic_path", "atomic_write", "save_canonical",
+           "read_safetensors", "spec_from_metadata", "load_canonical"]
 
 
 def save_canonical(path, state: dict[str, np.ndarray], spec: DiRSpec, extra_metadata: dict[str, str] | None = None) -> None:
@@ -70,9 +33,7 @@ def save_canonical(path, state: dict[str, np.ndarray], spec: DiRSpec, extra_meta
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Float tensors (bf16 and fp16 widened to float32 exactly) and metadata of a safetensors
     file, with a clear error if it is not one."""
-    from common.formats import read_safetensors as read_stored  # formats builds on this module
-
-    tensors, metadata = read_stored(path)
+    tensors, metadata = _read_stored(path)
     return {name: stored.to_float32() if stored.dtype == "bfloat16" else stored.array
             for name, stored in tensors.items()}, metadata
 

@@ -19,6 +19,10 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from common.recipe import (
+    ALL_SAMPLERS, DATA_KINDS, FLOW_LOSS_WEIGHTS, FLOW_PATHS, FLOW_PREDICTIONS, FLOW_TIME_SAMPLINGS, NOISE_SCHEDULES,
+    OBJECTIVES,
+)
 from common.spec import FIELD_NAMES as SPEC_FIELDS
 from common.spec import POS_EMBED_CHOICES, SCAN_CHOICES
 
@@ -61,7 +65,13 @@ _SPEC_OPTIONS = [
 DATASETS = ("digits", "imagefolder", "latents")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-SAMPLERS = ("ddpm", "ddim")
+MINDSPORE_MODES = ("pynative", "graph")
+SDE_DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+GRID_SAMPLERS = tuple(s for s in ALL_SAMPLERS if s != "dopri5")
+
+_MINDSPORE_MODE = Option("mindspore_mode", "str", "pynative",
+                         "MindSpore backend only: pynative (op by op) | graph (compiled; several times faster on CPU)",
+                         MINDSPORE_MODES)
 
 TRAIN_OPTIONS = [
     # data
@@ -74,9 +84,27 @@ TRAIN_OPTIONS = [
     Option("model", "str", "DiR-Tiny/2", "model preset (common/spec.py PRESETS); the keys below override its fields"),
     *_SPEC_OPTIONS,
     # objective
-    Option("objective", "str", "ddpm", "training objective (DDPM eps-prediction, hybrid loss when learn_sigma)", ("ddpm",)),
-    Option("diffusion_steps", "int", 1000, "number of diffusion timesteps T"),
-    Option("noise_schedule", "str", "linear", "beta schedule: linear (DDPM, DiT) | cosine (improved DDPM; better for small images)", ("linear", "cosine")),
+    Option("objective", "str", "ddpm", "training objective: ddpm (DiT: eps prediction, hybrid loss with learn_sigma) | "
+           "flow (SiT flow matching; t = 0 noise, t = 1 data)", OBJECTIVES),
+    Option("diffusion_steps", "int", 1000, "ddpm: number of diffusion timesteps T"),
+    Option("noise_schedule", "str", "linear", "ddpm: beta schedule: linear (DDPM, DiT) | cosine (improved DDPM; better "
+           "for small images)", NOISE_SCHEDULES),
+    Option("flow_path", "str", "linear", "flow: interpolant x_t = alpha_t x + sigma_t noise: linear (t, 1-t) | gvp "
+           "(sin, cos) | vp", FLOW_PATHS),
+    Option("flow_prediction", "str", "velocity", "flow: what the network predicts: velocity | noise | score",
+           FLOW_PREDICTIONS),
+    Option("flow_time_sampling", "str", "uniform", "flow: training times: uniform | logit_normal (sigmoid of a "
+           "normal, SD3)", FLOW_TIME_SAMPLINGS),
+    Option("flow_logit_mean", "float", 0.0, "flow: mean of the normal under logit_normal"),
+    Option("flow_logit_std", "float", 1.0, "flow: standard deviation of the normal under logit_normal"),
+    Option("flow_train_eps", "float", None, "flow: distance kept from t = 0 and 1 in training (null = SiT's default "
+           "for the path and prediction)", nullable=True),
+    Option("flow_sample_eps", "float", None, "flow: distance kept from t = 0 and 1 in sampling (null = SiT's "
+           "default)", nullable=True),
+    Option("flow_time_scale", "float", 1000.0, "flow: the network sees t * this (1000 gives the timestep embedding "
+           "DDPM's range; SiT's convention is 1)"),
+    Option("flow_loss_weight", "str", "none", "flow, noise or score prediction only: loss weight none | velocity | "
+           "likelihood", FLOW_LOSS_WEIGHTS),
     # optimisation
     Option("max_steps", "int", 2000, "optimizer steps to train for"),
     Option("global_batch_size", "int", 64, "images per optimizer step, summed over processes and accumulation steps"),
@@ -99,32 +127,59 @@ TRAIN_OPTIONS = [
     Option("log_every", "int", 50, "steps between log lines (JSONL, TensorBoard)"),
     Option("ckpt_every", "int", 1000, "steps between checkpoints (one is always written at the end)"),
     Option("sample_every", "int", 0, "steps between sample grids written to run_dir/samples (0 = only at the end, -1 = never)"),
-    Option("sample_sampler", "str", "ddim", "sampler for the training grids", SAMPLERS),
+    Option("sample_sampler", "str", None, "sampler for the training grids (null = ddim for ddpm, euler for flow)",
+           GRID_SAMPLERS, nullable=True),
     Option("sample_steps", "int", 25, "sampling steps for the training grids"),
     Option("sample_cfg_scale", "float", 4.0, "classifier-free guidance scale for the training grids"),
     Option("sample_per_class", "int", 2, "grid images per class (first 10 classes at most)"),
     Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent runs need it to draw grids", nullable=True),
+    _MINDSPORE_MODE,
 ]
 
 SAMPLE_OPTIONS = [
-    Option("ckpt", "str", "runs/default", "a run folder (its latest checkpoint), a training .pt checkpoint or canonical .safetensors"),
+    Option("ckpt", "str", "runs/default", "a run folder (its latest checkpoint) or a checkpoint of any backend: "
+           ".pt/.pth, .pdparams, .ckpt or canonical .safetensors"),
     Option("weights", "str", "ema", "which weights of a training checkpoint to use", ("ema", "model")),
     Option("classes", "str_or_list", "all", "all, or a list of class indices or names (e.g. [0, 3] or [goldfish, 7])"),
-    Option("class_names", "str", "auto", "auto (from the checkpoint's dataset) | imagenet | digits | none | path to a JSON list"),
+    Option("class_names", "str", "auto", "auto (from the checkpoint's recipe) | imagenet | digits | none | path to a JSON list"),
     Option("num_per_class", "int", 10, "images per requested class"),
     Option("seed", "int", 0, "seed of the initial noise and sampler noise"),
-    Option("sampler", "str", "ddpm", "ddpm (ancestral) | ddim", SAMPLERS),
-    Option("num_sampling_steps", "int", None, "respaced steps (null = 250 for ddpm, 50 for ddim)", nullable=True),
+    Option("sampler", "str", None, "ddpm models: ddpm (ancestral) | ddim; flow models: euler | heun | sde | dopri5 "
+           "(PyTorch only); null = ddpm for ddpm models, heun for flow models", ALL_SAMPLERS, nullable=True),
+    Option("num_sampling_steps", "int", None, "steps (null = 250 ddpm, 50 ddim, 50 euler, 25 heun, 100 sde); heun "
+           "evaluates the network 2n-1 times, sde n times (n-1 noisy steps and the mean step)", nullable=True),
     Option("eta", "float", 0.0, "DDIM eta (0 = deterministic)"),
     Option("cfg_scale", "float", 4.0, "classifier-free guidance scale (1 = no guidance, no batch doubling)"),
-    Option("clip_denoised", "bool", False, "clip predicted x0 to [-1, 1] each step (pixel models)"),
+    Option("clip_denoised", "bool", False, "ddpm / ddim: clip predicted x0 to [-1, 1] each step (pixel models)"),
+    Option("sde_diffusion_form", "str", "sigma", "sde: the diffusion coefficient D(t) (SiT's forms)", SDE_DIFFUSION_FORMS),
+    Option("sde_diffusion_norm", "float", 1.0, "sde: scale of D(t)"),
+    Option("sde_last_step_size", "float", 0.04, "sde: size of the final noise-free mean step (0 = none)"),
+    Option("ode_atol", "float", 1e-6, "dopri5: absolute tolerance"),
+    Option("ode_rtol", "float", 1e-3, "dopri5: relative tolerance"),
     Option("batch_size", "int", 100, "images per forward batch (guidance doubles it)"),
-    Option("out_dir", "str", "samples/default", "where grid.png, images/ and samples.npz go"),
+    Option("out_dir", "str", "samples/default", "where grid.png, images/, samples.npz and info.json go"),
     Option("save_images", "bool", True, "also write one PNG per image"),
     Option("grid_upscale", "int", 1, "nearest-neighbour upscale of the grid PNG (tiny images)"),
     Option("precision", "str", "fp32", "fp32 | bf16 autocast", PRECISIONS),
     Option("device", "str", "auto", "auto | cpu | cuda", DEVICES),
     Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent models need it", nullable=True),
+    _MINDSPORE_MODE,
+    Option("paddle_to_static", "bool", False, "Paddle backend only: run the network through paddle.jit.to_static"),
+    # The recipe of a file that carries none (a bare or older state dict); null = the file's recipe.
+    Option("objective", "str", None, "recipe of a file without one: ddpm | flow (null = the file's)", OBJECTIVES,
+           nullable=True),
+    Option("diffusion_steps", "int", None, "recipe of a file without one: ddpm timesteps", nullable=True),
+    Option("noise_schedule", "str", None, "recipe of a file without one: ddpm beta schedule", NOISE_SCHEDULES,
+           nullable=True),
+    Option("flow_path", "str", None, "recipe of a file without one: flow path", FLOW_PATHS, nullable=True),
+    Option("flow_prediction", "str", None, "recipe of a file without one: flow prediction", FLOW_PREDICTIONS,
+           nullable=True),
+    Option("flow_sample_eps", "float", None, "recipe of a file without one: flow sampling eps", nullable=True),
+    Option("flow_time_scale", "float", None, "recipe of a file without one: flow time scale (1000 here, 1 in SiT)",
+           nullable=True),
+    Option("data", "str", None, "recipe of a file without one: pixels | latents", DATA_KINDS, nullable=True),
+    Option("latent_scale", "float", None, "recipe of a file without one: latent scale (0.18215 for SD's VAE)",
+           nullable=True),
 ]
 
 TRAIN_SCHEMA = {option.name: option for option in TRAIN_OPTIONS}
@@ -310,6 +365,10 @@ def check_train_config(config: dict, source: str = "config") -> None:
                           "(the VAE downsamples by 8)")
     if not 0.0 <= config["ema_decay"] <= 1.0:
         raise ConfigError(f"{source}: key 'ema_decay' = {config['ema_decay']} must be in [0, 1]")
+    if config["objective"] == "flow" and config.get("learn_sigma"):
+        raise ConfigError(f"{source}: key 'learn_sigma' = true does not fit objective 'flow' (flow matching "
+                          "learns no variance; the extra channels would get no gradient); set learn_sigma: false "
+                          "or leave it null")
 
 
 def check_sample_config(config: dict, source: str = "config") -> None:

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import atomic_path, atomic_write
-from common.config import ConfigError, closest_key
+from tqdm.auto import tqdm
+
+from common.atomic import atomic_path, atomic_write
+from common.checkpoint import CheckpointError
+from common.config import ConfigError, check_sample_config, closest_key
 from common.data import DIGIT_NAMES
-from common.images import make_grid, save_png
+from common.images import make_grid, save_png, to_uint8_nhwc
+from common.objectives import SamplerSettings, check_sampling, sample_settings
+from common.recipe import Recipe, resolve_recipe
 from common.spec import DiRSpec
+from common.training import find_checkpoint
 
 IMAGENET_CLASSES_JSON = Path(__file__).with_name("imagenet_classes.json")
 
@@ -34,7 +40,7 @@ def imagenet_wnids() -> list[str]:
     return [entry["wnid"] for entry in sorted(table, key=lambda e: e["id"])]
 
 
-def class_names_for(setting: str, num_classes: int, train_config: dict | None) -> list[str] | None:
+def class_names_for(setting: str, num_classes: int, recipe: Recipe | None) -> list[str] | None:
     """The id -> name table the ``class_names`` sample key asks for (None: classes by index only)."""
     if setting == "none":
         return None
@@ -43,12 +49,8 @@ def class_names_for(setting: str, num_classes: int, train_config: dict | None) -
     elif setting == "digits":
         names = list(DIGIT_NAMES)
     elif setting == "auto":
-        dataset = (train_config or {}).get("dataset")
-        if dataset == "digits":
-            names = list(DIGIT_NAMES)
-        elif dataset == "imagefolder" and Path(train_config.get("data_path") or "").is_dir():
-            root = Path(train_config["data_path"])
-            names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        if recipe is not None and recipe.class_names:
+            names = list(recipe.class_names)
         elif num_classes == 1000:
             names = imagenet_class_names()
         else:
@@ -162,14 +164,99 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
-def is_latent_model(spec: DiRSpec, train_config: dict | None) -> bool:
-    """Whether samples are VAE latents to decode (canonical weights carry no config: 4 channels are)."""
-    if train_config is not None:
-        return train_config.get("dataset") == "latents"
-    return spec.in_channels == 4
+# ---- the sampling flow, once for every backend -----------------------------------------------
+
+READABLE_EXTENSIONS = ("pt", "pth", "pdparams", "ckpt", "safetensors")
 
 
-def diffusion_settings(train_config: dict | None) -> tuple[int, str]:
-    """The training schedule (DiT's 1000 linear steps for canonical weights without a config)."""
-    config = train_config or {}
-    return int(config.get("diffusion_steps", 1000)), str(config.get("noise_schedule", "linear"))
+class SampleBackend:
+    """What a framework supplies to :func:`run_sampling` (each backend's ``sample.py`` subclasses it)."""
+
+    framework = "?"
+
+    def setup(self, config: dict) -> str:
+        """Pick the device (and execution mode); returns a label for the log."""
+        raise NotImplementedError
+
+    def load_model(self, state: dict[str, np.ndarray], spec: DiRSpec):
+        """The network in eval mode with canonical weights ``state``."""
+        raise NotImplementedError
+
+    def load_vae(self, path: str | None):
+        raise NotImplementedError
+
+    def generate(self, model, spec: DiRSpec, recipe: Recipe, settings: SamplerSettings, labels: np.ndarray,
+                 rng: np.random.Generator, config: dict) -> np.ndarray:
+        """(samples for ``labels`` [N] as float [N, C, H, W], latents undecoded, noise drawn from ``rng``;
+        network evaluations per image)."""
+        raise NotImplementedError
+
+    def decode(self, vae, latents: np.ndarray, latent_scale: float) -> np.ndarray:
+        """Latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1]."""
+        raise NotImplementedError
+
+
+def read_weights(ckpt: str, weights: str) -> tuple[dict[str, np.ndarray], DiRSpec, "Recipe | None", dict]:
+    """Any backend's checkpoint (a run folder, .pt/.pth, .pdparams, .ckpt, .safetensors) through the one
+    reader of ``common/formats``: canonical float32 weights, spec, recipe (or None) and where they came from."""
+    from common.formats import FormatError, canonical_weights, read_contents
+
+    path = find_checkpoint(ckpt, READABLE_EXTENSIONS)
+    try:
+        contents = read_contents(path)
+        state, spec, used = canonical_weights(contents, weights)
+    except FormatError as err:
+        raise CheckpointError(str(err)) from None
+    source = {"path": str(path), "format": contents.format, "layout": contents.layout, "weights": used,
+              "step": contents.step, "recipe_from": contents.recipe_origin or None}
+    return state, spec, contents.recipe, source
+
+
+def run_sampling(config: dict, backend: SampleBackend, source_name: str = "config", keep_raw: bool = False) -> dict:
+    """Run one sampling job: read the weights and their recipe, sample batch by batch, write the outputs.
+
+    Returns the written paths (and, with ``keep_raw``, the float samples before quantisation
+    under ``'raw'``, for tests that compare backends).
+    """
+    check_sample_config(config, source_name)
+    device = backend.setup(config)
+    state, spec, stored_recipe, weights_source = read_weights(config["ckpt"], config["weights"])
+    recipe = resolve_recipe(stored_recipe, config, source_name, weights_source["path"])
+    settings = sample_settings(config, recipe)
+    check_sampling(recipe, settings, backend.framework, source_name)
+    if settings.cfg_scale > 1.0 and not spec.has_null_class:
+        raise ConfigError(f"{source_name}: key 'cfg_scale' = {settings.cfg_scale} needs a model trained with "
+                          "class_dropout_prob > 0 (it has no null class); set cfg_scale: 1")
+    names = class_names_for(config["class_names"], spec.num_classes, recipe)
+    labels = sample_labels(parse_classes(config["classes"], spec.num_classes, names), config["num_per_class"])
+    model = backend.load_model(state, spec)
+    vae = backend.load_vae(config["vae_path"]) if recipe.is_latent else None
+    tqdm.write(f"sampling {len(labels)} images with {backend.framework} on {device}: {settings.sampler}, "
+               f"{recipe.objective} weights ({weights_source['weights']}) from {weights_source['path']}")
+    rng = np.random.default_rng(config["seed"])
+    images, raw, nfe = [], [], []
+    for batch in tqdm(batches(labels, config["batch_size"]), desc=f"sampling ({settings.sampler})"):
+        x, evaluations = backend.generate(model, spec, recipe, settings, batch, rng, config)
+        nfe.append(int(evaluations))
+        if vae is not None:
+            x = backend.decode(vae, x, recipe.latent_scale)
+        if keep_raw:
+            raw.append(x)
+        images.append(to_uint8_nhwc(x))
+    images = np.concatenate(images)
+    metadata = {"framework": backend.framework, "device": device, "seed": config["seed"],
+                "weights_source": weights_source, "recipe": recipe.to_dict(), "spec": spec.to_dict(),
+                "sampler": {**settings.relevant(recipe), "nfe": nfe[0] if len(set(nfe)) == 1 else nfe},
+                "batch_size": config["batch_size"],
+                "precision": config["precision"],
+                "class_names": [names[int(c)] for c in np.unique(labels)] if names else None}
+    if backend.framework == "mindspore":
+        metadata["mindspore_mode"] = config["mindspore_mode"]
+    if backend.framework == "paddle":
+        metadata["paddle_to_static"] = config["paddle_to_static"]
+    paths = write_outputs(config["out_dir"], images, labels, nrow=config["num_per_class"],
+                          save_images=config["save_images"], grid_upscale=config["grid_upscale"], metadata=metadata)
+    tqdm.write(f"wrote {len(labels)} samples: {paths['grid']}, {paths['npz']}")
+    if keep_raw:
+        paths["raw"] = np.concatenate(raw)
+    return paths

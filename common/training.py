@@ -13,6 +13,7 @@ from pathlib import Path
 from common.checkpoint import CheckpointError, atomic_write
 from common.config import ConfigError, spec_overrides
 from common.data import model_input_size
+from common.recipe import Recipe, RecipeError, recipe_from_config
 from common.spec import DiRSpec, SpecError, build_spec
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7,})\.(pt|pdparams|ckpt)$")
@@ -23,6 +24,8 @@ TRAIN_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "config", "
 def model_spec(config: dict, source, source_name: str = "config") -> DiRSpec:
     """The spec a train config asks for: preset + overrides, sized to the data."""
     overrides = spec_overrides(config)
+    if config.get("objective") == "flow":  # flow matching learns no variance: no second half of channels
+        overrides.setdefault("learn_sigma", False)
     num_classes = overrides.setdefault("num_classes", source.num_classes)
     if num_classes < source.num_classes:
         raise ConfigError(f"{source_name}: key 'num_classes' = {num_classes} but the data has "
@@ -53,6 +56,23 @@ def check_train_checkpoint(checkpoint, path, spec: DiRSpec | None = None) -> DiR
                               + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
                               + "; use another run_dir (or resume: null) to train the new model from scratch")
     return saved
+
+
+def checkpoint_recipe(checkpoint: dict, path) -> Recipe | None:
+    """The recipe a training checkpoint was trained with: its 'recipe', or (older checkpoints)
+    the one its config implies; None for a converted file without either."""
+    try:
+        recipe = checkpoint.get("recipe")
+        if isinstance(recipe, str):  # .ckpt keeps it as JSON text
+            return Recipe.from_json(recipe, source=f"{path} ['recipe']")
+        if recipe:
+            return Recipe.from_dict(dict(recipe), source=f"{path} ['recipe']")
+        config = checkpoint.get("config")
+        if config and ("objective" in config or "diffusion_steps" in config):
+            return recipe_from_config(dict(config))
+    except (RecipeError, TypeError) as err:
+        raise CheckpointError(f"{path}: bad recipe ({err})") from None
+    return None
 
 
 # ---- schedules -------------------------------------------------------------------------------

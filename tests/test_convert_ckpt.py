@@ -171,13 +171,13 @@ def test_converted_pth_loads_in_torch_sampler_without_flags(assets):
     from backends.torch.sample import load_model
 
     for weights in ("ema", "model"):
-        net, spec, _ = load_model(str(assets["files"]["torch", "fp32"]), weights, torch.device("cpu"))
+        net, spec, _ = load_model(str(assets["files"]["torch", "fp32"]), weights, "cpu")
         assert spec == SPEC
         assert same_bits(net.canonical_state(), assets["ema"])
     bf16 = {k: bf16_bits_to_float32(float32_to_bf16_bits(v)) for k, v in assets["ema"].items()}
-    net, _, _ = load_model(str(assets["files"]["torch", "bf16"]), "ema", torch.device("cpu"))
+    net, _, _ = load_model(str(assets["files"]["torch", "bf16"]), "ema", "cpu")
     assert same_bits(net.canonical_state(), bf16)
-    net, _, _ = load_model(str(assets["files"]["safetensors", "bf16"]), "ema", torch.device("cpu"))
+    net, _, _ = load_model(str(assets["files"]["safetensors", "bf16"]), "ema", "cpu")
     assert same_bits(net.canonical_state(), bf16)
 
 

@@ -84,39 +84,21 @@ def test_causal_scan_never_looks_at_later_patches():
     assert (a[:, :, :6] - b[:, :, :6]).abs().max() > 1e-4
 
 
-def test_guidance_mixes_conditional_and_null_predictions():
-    spec = build_spec("DiR-Tiny/2", **TINY)
-    model = DiR(spec).eval()
-    model.load_canonical(perturbed(spec, scale=0.2))
-    half = torch.randn(2, 3, 8, 8)
-    x = torch.cat([half, half])
-    t = torch.tensor([50, 600, 50, 600])
-    y = torch.tensor([1, 4, spec.num_classes, spec.num_classes])
-    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
-    with torch.no_grad():
-        cond, uncond = model(half, t[:2], y[:2]), model(half, t[:2], y[2:])
-    guided = uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3])
+def test_null_class_row_and_condition_dropout():
+    from common.conditions import drop_conditions, null_condition
 
-    def rel(a, b):  # batch composition changes summation order, so compare norms
-        return float((a - b).detach().norm() / b.detach().norm())
-
-    assert rel(out[:2, :3], guided) < 1e-5 and rel(out[2:, :3], guided) < 1e-5
-    assert rel(out[:2, 3:], cond[:, 3:]) < 1e-5  # the variance channels are not guided
-
-
-def test_label_dropout_only_in_training():
     spec = build_spec("DiR-Tiny/2", **{**TINY, "class_dropout_prob": 0.5})
     model = DiR.from_spec(spec)
-    labels = torch.zeros(4000, dtype=torch.long)
-    dropped = model.y_embedder.token_drop(labels)
-    assert 0.45 < float((dropped == spec.num_classes).float().mean()) < 0.55
-    model.eval()
-    emb = model.y_embedder(labels[:3], train=False)
-    torch.testing.assert_close(emb, model.y_embedder.embedding_table.weight[0].expand(3, -1))
-    no_null = DiR.from_spec(build_spec("DiR-Tiny/2", **{**TINY, "class_dropout_prob": 0.0}))
-    assert no_null.y_embedder.embedding_table.weight.shape[0] == spec.num_classes
-    with pytest.raises(ValueError, match="class_dropout_prob > 0"):
-        no_null.forward_with_cfg(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long), 2.0)
+    assert model.y_embedder.embedding_table.weight.shape[0] == spec.num_classes + 1
+    labels = np.arange(6) % spec.num_classes
+    dropped = drop_conditions(spec, labels, np.array([True, False, True, False, False, True]))
+    assert dropped.tolist() == [spec.num_classes, 1, spec.num_classes, 3, 4, spec.num_classes]
+    emb = model.y_embedder(torch.from_numpy(null_condition(spec, 2)))
+    torch.testing.assert_close(emb, model.y_embedder.embedding_table.weight[spec.num_classes].expand(2, -1))
+    no_null = build_spec("DiR-Tiny/2", **{**TINY, "class_dropout_prob": 0.0})
+    assert DiR.from_spec(no_null).y_embedder.embedding_table.weight.shape[0] == spec.num_classes
+    with pytest.raises(ValueError, match="no null condition"):
+        null_condition(no_null, 2)
 
 
 def test_gradients_reach_every_parameter():

@@ -6,11 +6,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends.torch.sample import load_model, main as sample_main, sample  # noqa: E402
+from backends.torch.sample import main as sample_main, sample  # noqa: E402
 from backends.torch.train import train  # noqa: E402
 from common.checkpoint import save_canonical  # noqa: E402
 from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli  # noqa: E402
-from common.sampling import class_names_for, imagenet_class_names, imagenet_wnids, load_samples, parse_classes  # noqa: E402
+from common.recipe import recipe_from_config  # noqa: E402
+from common.sampling import (  # noqa: E402
+    class_names_for, imagenet_class_names, imagenet_wnids, load_samples, parse_classes, read_weights,
+)
 from common.spec import DiRSpec  # noqa: E402
 from tests.test_torch_train import tiny_config  # noqa: E402
 
@@ -42,7 +45,13 @@ def test_sample_writes_grid_pngs_and_npz(trained, tmp_path):
 
     assert Image.open(out / "grid.png").size == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 of 8 px + 2 px padding
     info = json.loads((out / "info.json").read_text())
-    assert info["class_names"] == ["three", "seven"] and info["steps"] == 3
+    assert info["class_names"] == ["three", "seven"]
+    assert info["sampler"] == {"sampler": "ddim", "cfg_scale": 2.0, "num_steps": 3, "eta": 0.0,
+                               "clip_denoised": False, "nfe": 3}
+    assert info["recipe"]["objective"] == "ddpm" and info["recipe"]["noise_schedule"] == "linear"
+    assert info["recipe"]["diffusion_steps"] == 1000 and info["recipe"]["class_names"][3] == "three"
+    assert info["weights_source"]["path"].endswith("0000002.pt") and info["weights_source"]["weights"] == "ema"
+    assert info["weights_source"]["step"] == 2 and info["framework"] == "torch" and info["seed"] == 0
 
 
 def test_sampling_is_deterministic_and_weights_selectable(trained, tmp_path):
@@ -54,10 +63,10 @@ def test_sampling_is_deterministic_and_weights_selectable(trained, tmp_path):
     assert not np.array_equal(a, c)
     checkpoint = torch.load(trained / "checkpoints" / "0000002.pt", weights_only=True)
     for weights in ("ema", "model"):
-        model, spec, train_config = load_model(str(trained), weights, torch.device("cpu"))
-        assert not model.training and spec.num_classes == 10 and train_config["run_dir"] == str(trained)
+        state, spec, recipe, source = read_weights(str(trained), weights)
+        assert spec.num_classes == 10 and recipe.objective == "ddpm" and source["weights"] == weights
         name = "final_layer.adaLN_modulation.1.weight"
-        assert torch.equal(model.state_dict()[name], checkpoint[weights][name])
+        np.testing.assert_array_equal(state[name], checkpoint[weights][name].numpy())
 
 
 def test_sample_from_canonical_safetensors(trained, tmp_path):
@@ -67,11 +76,20 @@ def test_sample_from_canonical_safetensors(trained, tmp_path):
 
     model = DiR(spec)
     model.load_state_dict(checkpoint["ema"])
-    save_canonical(tmp_path / "ema.safetensors", model.canonical_state(), spec)
+    save_canonical(tmp_path / "ema.safetensors", model.canonical_state(), spec)  # weights and spec only
     sample(sample_config(trained, tmp_path / "pt", "--classes", "[2]", "--num_per_class", "2", "--class_names", "none"))
-    sample(sample_config(tmp_path / "ema.safetensors", tmp_path / "st", "--classes", "[2]", "--num_per_class", "2"))
+    with pytest.raises(Exception, match=r"ema.safetensors carries no training recipe .* --objective ddpm"):
+        sample(sample_config(tmp_path / "ema.safetensors", tmp_path / "st", "--classes", "[2]", "--num_per_class", "2"))
+    with pytest.raises(Exception, match=r"with --objective ddpm also pass --noise_schedule"):
+        sample(sample_config(tmp_path / "ema.safetensors", tmp_path / "st", "--objective", "ddpm",
+                             "--diffusion_steps", "1000"))
+    sample(sample_config(tmp_path / "ema.safetensors", tmp_path / "st", "--classes", "[2]", "--num_per_class", "2",
+                         "--objective", "ddpm", "--diffusion_steps", "1000", "--noise_schedule", "linear"))
     np.testing.assert_array_equal(load_samples(tmp_path / "pt" / "samples.npz")[0],
                                   load_samples(tmp_path / "st" / "samples.npz")[0])
+    # A key that contradicts the recipe the file carries stops instead of sampling with the wrong schedule.
+    with pytest.raises(Exception, match=r"trained with a different recipe .*\(noise_schedule: file 'linear' vs config 'cosine'"):
+        sample(sample_config(trained, tmp_path / "x", "--noise_schedule", "cosine"))
 
 
 def test_sample_cli_errors(trained, tmp_path):
@@ -97,8 +115,11 @@ def test_imagenet_table_and_class_parsing():
     assert parse_classes("all", 4, None) == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="is a name but this model's classes have no names"):
         parse_classes(["cat"], 4, None)
-    assert class_names_for("auto", 1000, {"dataset": "latents"})[1].startswith("goldfish")
-    assert class_names_for("auto", 10, {"dataset": "digits"})[7] == "seven"
+    latent = recipe_from_config({"objective": "ddpm", "dataset": "latents"})
+    assert class_names_for("auto", 1000, latent)[1].startswith("goldfish")
+    digits = recipe_from_config({"objective": "ddpm", "dataset": "digits"}, ["zero", "one", "two", "three", "four",
+                                                                           "five", "six", "seven", "eight", "nine"])
+    assert class_names_for("auto", 10, digits)[7] == "seven"
     assert class_names_for("auto", 5, None) is None
     with pytest.raises(ConfigError, match="gives 10 names but the model has 5 classes"):
         class_names_for("digits", 5, None)

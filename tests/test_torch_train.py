@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends.torch.train import load_checkpoint, main as train_main, train  # noqa: E402
+from backends.torch.train import main as train_main, train  # noqa: E402
 from common.config import TRAIN_SCHEMA, parse_cli  # noqa: E402
 from common.training import TRAIN_CHECKPOINT_KEYS, latest_checkpoint, list_checkpoints, read_metrics  # noqa: E402
 
@@ -40,7 +40,8 @@ def test_run_layout_and_checkpoint_contents(uninterrupted):
     assert result["step"] == 6
     assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [3, 6]
     checkpoint = torch.load(run_dir / "checkpoints" / "0000006.pt", weights_only=True)
-    assert set(checkpoint) == set(TRAIN_CHECKPOINT_KEYS)
+    assert set(checkpoint) == {*TRAIN_CHECKPOINT_KEYS, "recipe"}
+    assert checkpoint["recipe"]["objective"] == "ddpm" and checkpoint["recipe"]["diffusion_steps"] == 1000
     assert checkpoint["step"] == 6 and checkpoint["spec"]["hidden_size"] == 64 and checkpoint["config"]["seed"] == 7
     assert "blocks.0.att.time_decay" in checkpoint["ema"]
     assert not torch.equal(checkpoint["ema"]["final_layer.linear.weight"], checkpoint["model"]["final_layer.linear.weight"])
@@ -125,17 +126,15 @@ def test_corrupt_checkpoint_and_cli_errors(tmp_path, capsys):
         train_main([*TINY, "--run_dir", str(tmp_path), "--resume", str(tmp_path / "nothing.pt")])
 
 
-def test_load_checkpoint_rejects_wrong_layout(tmp_path, uninterrupted):
+def test_resume_rejects_wrong_layout_and_another_recipe(tmp_path, uninterrupted):
     torch.save({"model": {}, "step": 1}, tmp_path / "partial.pt")
-    config = tiny_config(tmp_path)
-    from backends.torch.models import DiR
-    from common.data import DigitsSource
-    from common.training import model_spec
-
-    spec = model_spec(config, DigitsSource(8))
-    model = DiR(spec)
     with pytest.raises(Exception, match=r"partial.pt: missing keys \['ema', 'optimizer', 'rng', 'config', 'spec'\]"):
-        load_checkpoint(tmp_path / "partial.pt", model, model, torch.optim.AdamW(model.parameters()), spec)
+        train(tiny_config(tmp_path, "--resume", str(tmp_path / "partial.pt")))
+    full_dir, _ = uninterrupted
+    with pytest.raises(Exception, match=r"0000003.pt: the checkpoint was trained with recipe .*\"linear\".* the "
+                                        r"config asks for .*\"cosine\""):
+        train(tiny_config(tmp_path / "cosine", "--noise_schedule", "cosine",
+                          "--resume", str(full_dir / "checkpoints" / "0000003.pt")))
 
 
 def test_bf16_autocast_trains(tmp_path):

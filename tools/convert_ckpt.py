@@ -1,7 +1,7 @@
 """Convert DiR checkpoints between PyTorch, Paddle, MindSpore and canonical safetensors.
 
     python tools/convert_ckpt.py --src A --dst B [--weights ema|model] [--dtype fp32|fp16|bf16]
-                                 [--src-format F] [--dst-format F] [--spec S] [--bare]
+                                 [--src-format F] [--dst-format F] [--spec S] [--recipe JSON_OR_FILE] [--bare]
     python tools/convert_ckpt.py inspect FILE [--format F] [--weights ema|model|all] [--spec S] [--json]
 
 Formats (from the suffix, or ``--src-format``/``--dst-format``): ``torch`` (.pth/.pt),
@@ -14,11 +14,16 @@ is renamed at the end.
 
 Only .pth/.pt needs its framework (torch); .pdparams is read with a restricted unpickler and
 written with pickle, .ckpt is read and written with the protobuf package, .safetensors by a
-small reader/writer in common/formats.py. A checkpoint is untrusted input: a file that asks to
-run code is refused with a message, never executed.
+small reader/writer in common/formats/safetensors_io.py. A checkpoint is untrusted input: a
+file that asks to run code is refused with a message, never executed.
 
 ``--spec`` (a preset such as DiR-S/2, a JSON object or a JSON file) is only needed for a
 bare state dict that carries no spec and has no ``FILE.spec.json`` beside it.
+
+The training recipe (objective, noise schedule or flow path, data; common/recipe.py) travels
+with the weights: the output carries the source's recipe (from the file, its sidecar, or for
+an older training checkpoint its training config). ``--recipe`` (a JSON object or a JSON file)
+supplies one for a source that has none; it must agree with the source's own if it has one.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: python tools/convert_ckpt.py
 from common.checkpoint import CheckpointError  # noqa: E402
 from common.formats import (  # noqa: E402
     DTYPES, FORMAT_LABEL, FORMATS, WEIGHT_SETS, FormatError, canonical_weights, detect_format,
-    parameter_summary, read_contents, resolve_spec_argument, table_order, write_checkpoint,
+    parameter_summary, read_contents, resolve_recipe_argument, resolve_spec_argument, table_order, write_checkpoint,
 )
 from common.spec import SpecError  # noqa: E402
 
@@ -67,15 +72,20 @@ def build_convert_parser() -> argparse.ArgumentParser:
                         help="dtype of the written tensors (default: fp32; bf16 is kept as bf16 in every format)")
     parser.add_argument("--spec", help="the model spec when the source has none: a preset (DiR-S/2), "
                                        "a JSON object or a JSON file")
+    parser.add_argument("--recipe", metavar="JSON_OR_FILE",
+                        help="the training recipe when the source has none: a JSON object (e.g. "
+                             "'{\"objective\": \"ddpm\", \"diffusion_steps\": 1000, \"noise_schedule\": "
+                             "\"linear\"}') or a JSON file; it must agree with the source's own recipe if it has one")
     parser.add_argument("--bare", action="store_true",
-                        help="write only the state dict (.pth/.pdparams/.ckpt) and the spec beside it as "
-                             "DST.spec.json, instead of the training-checkpoint layout the samplers load")
+                        help="write only the state dict (.pth/.pdparams/.ckpt) and the spec and recipe beside it "
+                             "as DST.spec.json, instead of the training-checkpoint layout the samplers load")
     return parser
 
 
 def build_inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tools/convert_ckpt.py inspect",
-                                     description="List the tensors, parameter count and spec of a DiR checkpoint.")
+                                     description="List the tensors, parameter count, spec and training recipe "
+                                                 "of a DiR checkpoint.")
     parser.add_argument("file")
     parser.add_argument("--format", help=_format_help())
     parser.add_argument("--weights", choices=(*WEIGHT_SETS, "all"), default="ema",
@@ -96,8 +106,10 @@ def convert(args: argparse.Namespace) -> list[Path]:
     if dst.is_dir():
         raise CliError(f"--dst {dst} is a folder; give a file name")
     spec = resolve_spec_argument(args.spec) if args.spec else None
+    given_recipe = resolve_recipe_argument(args.recipe) if args.recipe is not None else None
     contents = read_contents(src, src_format)
     state, spec, used = canonical_weights(contents, args.weights, spec)
+    recipe, recipe_origin = choose_recipe(contents, given_recipe)
     wide = [name for name, value in contents.weight_set(args.weights)[1].items() if value.dtype == "float64"]
     if wide:
         print(f"{PROG}: note: {len(wide)} float64 tensors were narrowed to float32 (DiR computes in float32)",
@@ -111,19 +123,44 @@ def convert(args: argparse.Namespace) -> list[Path]:
                   file=sys.stderr)
     provenance = {"source": src.name, "source_format": src_format, "weights": used, "dtype": args.dtype,
                   "tool": "tools/convert_ckpt.py"}
+    if recipe is not None:
+        provenance["recipe"] = recipe_origin
     try:
         written = write_checkpoint(dst, dst_format, state, spec, dtype=args.dtype, step=contents.step,
-                                   config=contents.config, bare=args.bare, provenance=provenance)
+                                   config=contents.config, bare=args.bare, provenance=provenance, recipe=recipe)
     except OSError as err:
         raise CliError(f"cannot write {dst}: {err.strerror or err} (nothing was written)") from None
     total = sum(int(value.size) for value in state.values())
     what = f"'{used}' weights" if contents.layout == "training" else "state dict"
     if contents.layout == "bare" and args.weights != "ema":
         print(f"{PROG}: note: {src} is a bare state dict; --weights {args.weights} does not apply", file=sys.stderr)
+    if recipe is None:
+        print(f"{PROG}: note: {src} carries no training recipe, so neither does {written[0]}: sampling it will need "
+              "the recipe keys (--objective ddpm --diffusion_steps N --noise_schedule linear|cosine, or --objective "
+              "flow --flow_path P --flow_prediction Q --flow_time_scale S; --data latents --latent_scale X for a "
+              "latent model). To store the recipe in the file, convert again with --recipe '{\"objective\": "
+              "\"ddpm\", \"diffusion_steps\": 1000, \"noise_schedule\": \"linear\"}' (or a JSON file)",
+              file=sys.stderr)
     print(f"{PROG}: wrote {written[0]} ({FORMAT_LABEL[dst_format]}, {args.dtype}) from the {what} of {src} "
           f"({FORMAT_LABEL[src_format]}): {len(state)} tensors, {total:,} parameters"
-          + (f"; spec in {written[1]}" if len(written) > 1 else ""))
+          + (f"; recipe {recipe.objective} (from {recipe_origin})" if recipe is not None else "; no recipe")
+          + (f"; spec{' and recipe' if recipe is not None else ''} in {written[1]}" if len(written) > 1 else ""))
     return written
+
+
+def choose_recipe(contents, given):
+    """(recipe to write, where it came from): the source's, or ``--recipe`` for a source without one."""
+    if given is None:
+        return contents.recipe, contents.recipe_origin
+    if contents.recipe is None:
+        return given, "--recipe"
+    if given != contents.recipe:
+        mine, theirs = contents.recipe.to_dict(), given.to_dict()
+        diffs = "; ".join(f"{key}: source {mine.get(key)!r} vs --recipe {theirs.get(key)!r}"
+                          for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key))
+        raise CliError(f"{contents.path}: --recipe contradicts the recipe the source carries (from "
+                       f"{contents.recipe_origin}): {diffs}; leave --recipe out to keep the source's recipe")
+    return contents.recipe, contents.recipe_origin
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -140,6 +177,8 @@ def inspect(args: argparse.Namespace) -> dict:
         "file": str(path), "format": fmt, "format_label": FORMAT_LABEL[fmt], "layout": contents.layout,
         "weight_sets": list(contents.sets), "step": contents.step,
         "spec": contents.spec.to_dict() if contents.spec else None, "spec_origin": contents.spec_origin or None,
+        "recipe": contents.recipe.to_dict() if contents.recipe else None,
+        "recipe_origin": contents.recipe_origin or None,
         "other": contents.other, "sets": {},
     }
     for name in names:
@@ -178,6 +217,11 @@ def render_inspect(report: dict) -> str:
         lines.append("spec:    none (no spec in the file and no FILE.spec.json beside it; pass --spec)")
     else:
         lines.append(f"spec:    {json.dumps(report['spec'], sort_keys=True)}  (from {report['spec_origin']})")
+    if report["recipe"] is None:
+        lines.append("recipe:  none (the file does not say how it was trained; sampling needs the recipe keys, "
+                     "or convert it with --recipe)")
+    else:
+        lines.append(f"recipe:  {json.dumps(report['recipe'], sort_keys=True)}  (from {report['recipe_origin']})")
     for key, value in report["other"].items():
         lines.append(f"other:   {key}: {value}")
     for name, info in report["sets"].items():

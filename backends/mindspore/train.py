@@ -266,7 +266,7 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({err})") from None
     checkpoint = {"model": {}, "ema": {}, "optimizer": {}}
     for name, value in raw.items():
-        if name in ("format", "spec", "config", "rng"):
+        if name in ("format", "spec", "config", "rng", "recipe"):
             checkpoint[name] = value if isinstance(value, str) else None
         elif name == "step":
             checkpoint["step"] = int(value.asnumpy())

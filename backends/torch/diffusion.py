@@ -1,10 +1,10 @@
-"""DDPM in PyTorch: the training loss and the DDPM / DDIM samplers with classifier-free guidance.
+"""DDPM in PyTorch: the training loss (DiT's hybrid loss) and the DDPM / DDIM samplers.
 
 The numbers come from ``common/diffusion.py``; this file only does tensor
-arithmetic on them. The objective lives apart from the model: a model is any
-callable ``model(x [N, C, H, W], t [N] original timesteps, y [N]) -> [N, C_out, H, W]``
-(C_out = 2C when sigma is learned), so a flow-matching objective can sit beside
-this one without touching the network.
+arithmetic on them. A model is any callable
+``model(x [N, C, H, W], t [N] original timesteps, cond) -> [N, C_out, H, W]``
+(C_out = 2C when sigma is learned); the condition is passed through untouched.
+Guidance and the choice of objective live in ``backends/torch/objectives.py``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from typing import Callable
 
 import torch
 
-from common.diffusion import HALF_BIN, LOG2, DiffusionSchedule, ddim_sigmas, make_schedule, sampling_schedule
+from common.diffusion import (
+    HALF_BIN, LOG2, DiffusionSchedule, ddim_direction_coefficients, ddim_sigmas, make_schedule, sampling_schedule,
+)
+from common.objectives import training_inputs
+from common.recipe import Recipe
 
 
 def _gather(array: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -115,24 +119,33 @@ class DDPMObjective:
     """Epsilon-prediction training on the full schedule; the hybrid loss MSE + VB when sigma
     is learned (the VB term sees a detached eps, so it trains only the variance)."""
 
-    def __init__(self, num_timesteps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True,
-                 device: torch.device | str = "cpu"):
-        self.diffusion = GaussianDiffusion(make_schedule(num_timesteps, noise_schedule, learn_sigma), device)
+    def __init__(self, recipe: Recipe, learn_sigma: bool, device: torch.device | str = "cpu"):
+        self.recipe = recipe
+        self.diffusion = GaussianDiffusion(make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma),
+                                           device)
 
-    def training_losses(self, model: Callable, x_start: torch.Tensor, y: torch.Tensor,
-                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x_start [N, C, H, W], y [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
+    def training_losses(self, model: Callable, x_start: torch.Tensor, cond, t=None, noise=None) -> dict[str, torch.Tensor]:
+        """x_start [N, C, H, W], cond [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
 
-        Draws t [N] and the noise from the global torch RNG (seeded per process) unless given
-        (the cross-framework parity tests pass the same t and noise to every backend).
+        ``t`` [N] integer timesteps (tensor or numpy) and ``noise`` like x_start; drawn from
+        numpy's unseeded generator when left out (the trainer always passes its seeded draws).
         """
-        d = self.diffusion
+        import numpy as np
+
         if t is None:
-            t = torch.randint(0, d.num_timesteps, (x_start.shape[0],), device=x_start.device)
+            t = np.random.default_rng().integers(0, self.diffusion.num_timesteps, x_start.shape[0])
+        t = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        inputs = {k: torch.from_numpy(v).to(x_start.device) for k, v in training_inputs(self.recipe, t).items()}
         if noise is None:
             noise = torch.randn_like(x_start)
+        return self.losses_from_inputs(model, x_start, cond, inputs, noise)
+
+    def losses_from_inputs(self, model: Callable, x_start, cond, inputs: dict, noise) -> dict[str, torch.Tensor]:
+        """The loss from prepared inputs (``common.objectives.training_inputs``: ``{'t'}``)."""
+        d = self.diffusion
+        t = inputs["t"]
         x_t = d.q_sample(x_start, t, noise)
-        output = model(x_t, t, y).float()
+        output = model(x_t, t, cond).float()
         channels = x_start.shape[1]
         expected = 2 * channels if d.learn_sigma else channels
         if output.shape[1] != expected:
@@ -149,80 +162,67 @@ class DDPMObjective:
         return losses
 
 
-def build_objective(config: dict, learn_sigma: bool, device) -> DDPMObjective:
-    """The training objective a config names (``objective`` key). A flow-matching objective
-    (SiT / rectified flow) slots in here with the same ``training_losses`` signature."""
-    if config["objective"] == "ddpm":
-        return DDPMObjective(config["diffusion_steps"], config["noise_schedule"], learn_sigma, device)
-    raise ValueError(f"unknown objective '{config['objective']}'; allowed: ddpm")
-
-
 # ---- sampling ----------------------------------------------------------------------
 
-def guided_model(model, y: torch.Tensor, cfg_scale: float, null_class: int) -> Callable:
-    """``fn(x, t) -> output`` for the current batch x [N, ...] with labels y [N].
+def _noise(rng, shape, device) -> torch.Tensor:
+    """Standard normal float32 noise from a host numpy generator: a seed gives the same images
+    in every backend and on every device."""
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype="float32")).to(device)
 
-    With cfg_scale > 1 the batch is doubled (second half with the null label) and
-    ``model.forward_with_cfg`` returns guided eps; the first half is kept.
+
+class DDPMSampler:
+    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim.
+
+    Noise: the initial x_T, then one draw per step for ddpm (none at the last) and for ddim
+    with eta > 0, in step order, from the numpy generator given to :meth:`sample`.
     """
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    y_doubled = torch.cat([y, torch.full_like(y, null_class)])
 
-    def fn(x, t):
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y_doubled, cfg_scale)
-        return out[: len(x)]
-
-    return fn
-
-
-def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Noise drawn on the CPU generator then moved, so a seed gives the same images on any device."""
-    return torch.randn(shape, generator=generator).to(device)
-
-
-class Sampler:
-    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim."""
-
-    def __init__(self, train_schedule: DiffusionSchedule, sampler: str = "ddpm", num_steps: int | None = None,
+    def __init__(self, recipe: Recipe, learn_sigma: bool, sampler: str = "ddpm", num_steps: int | None = None,
                  eta: float = 0.0, clip_denoised: bool = False, device: torch.device | str = "cpu"):
         self.kind = sampler
-        schedule = sampling_schedule(train_schedule, sampler, num_steps)
+        train = make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma)
+        schedule = sampling_schedule(train, sampler, num_steps)
         self.diffusion = GaussianDiffusion(schedule, device)
+        self.eta = eta
         self.ddim_sigmas = torch.from_numpy(ddim_sigmas(schedule, eta).astype("float32")).to(device)
+        self.ddim_direction = torch.from_numpy(ddim_direction_coefficients(schedule, eta).astype("float32")).to(device)
         self.clip_denoised = clip_denoised
 
     @property
     def num_steps(self) -> int:
         return self.diffusion.num_timesteps
 
-    def step(self, model_fn: Callable, x: torch.Tensor, i: int, generator: torch.Generator | None):
+    @property
+    def nfe(self) -> int:
+        return self.num_steps
+
+    def step(self, model_fn: Callable, x: torch.Tensor, i: int, rng):
         """One reverse step at respaced index i (the model sees the original timestep)."""
         d = self.diffusion
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         output = model_fn(x, d.timestep_map[t]).float()
         out = d.p_mean_variance(output, x, t, self.clip_denoised)
-        noise = _randn(x.shape, generator, x.device) if i > 0 else None
         if self.kind == "ddpm":
-            if noise is None:
+            if i == 0:
                 return out["mean"]
-            return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
+            return out["mean"] + torch.exp(0.5 * out["log_variance"]) * _noise(rng, x.shape, x.device)
         alpha_bar_prev = _gather(d.alphas_cumprod_prev, t, x.ndim)
-        sigma = _gather(self.ddim_sigmas, t, x.ndim)
         mean = (out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-                + torch.sqrt((1.0 - alpha_bar_prev - sigma**2).clamp(min=0.0)) * out["eps"])
-        return mean if noise is None else mean + sigma * noise
+                + _gather(self.ddim_direction, t, x.ndim) * out["eps"])
+        if i == 0 or self.eta == 0:
+            return mean
+        return mean + _gather(self.ddim_sigmas, t, x.ndim) * _noise(rng, x.shape, x.device)
 
     @torch.no_grad()
-    def sample(self, model_fn: Callable, shape: tuple[int, ...], generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-        """Images of ``shape`` [N, C, H, W] from noise drawn with ``generator``."""
-        x = _randn(shape, generator, device)
+    def sample(self, model_fn: Callable, shape: tuple[int, ...], rng, device: torch.device | str = "cpu",
+               progress: bool = False) -> torch.Tensor:
+        """Images of ``shape`` [N, C, H, W]: noise, then the reverse steps (``rng``: numpy Generator)."""
+        x = _noise(rng, shape, device)
         steps = range(self.num_steps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.kind} {self.num_steps} steps", leave=False)
         for i in steps:
-            x = self.step(model_fn, x, i, generator)
+            x = self.step(model_fn, x, i, rng)
         return x

@@ -26,12 +26,12 @@ def load_vae(path: str | None, device):
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
+def encode(vae, images: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (a posterior sample)."""
-    return vae.encode(images).latent_dist.sample() * LATENT_SCALE
+    return vae.encode(images).latent_dist.sample() * scale
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
     """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1]."""
-    return vae.decode(latents / LATENT_SCALE).sample.clamp(-1.0, 1.0)
+    return vae.decode(latents / scale).sample.clamp(-1.0, 1.0)

@@ -1,0 +1,204 @@
+"""The training loop, once for every backend: ``run_training(config, backend)``.
+
+Everything that is not tensor work happens here: config checks, data, the model spec
+and the recipe, the run folder, resume, the step loop with its learning-rate and EMA
+schedules, every random draw of a step (``common.objectives.step_draws``), logging
+(JSONL, TensorBoard, progress bar), checkpoint cadence and the sample grids. A backend's
+``train.py`` supplies a small adapter, a subclass of :class:`TrainBackend`, that does
+the framework's part: processes and devices, the model/EMA/optimizer, one optimizer
+step, the EMA update, checkpoint files in its own format, and sampling a grid. The
+adapter holds no objective-specific code: the objective comes from
+``backends.<fw>.objectives.build_objective(recipe)``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from common.checkpoint import CheckpointError
+from common.config import batch_layout, check_train_config, save_resolved
+from common.data import UnreadableItemWarning, build_source
+from common.objectives import SamplerSettings, grid_settings, step_draws
+from common.recipe import Recipe, RecipeError, recipe_from_config
+from common.spec import DiRSpec
+from common.training import (
+    RunLayout, RunLogger, Throughput, check_train_checkpoint, checkpoint_recipe, describe_batch, ema_decay,
+    grid_classes, learning_rate, model_spec, plot_loss_curve, resolve_resume,
+)
+
+
+class TrainBackend:
+    """What a framework supplies to :func:`run_training` (each backend's ``train.py`` subclasses it).
+
+    Attributes set by :meth:`setup`: ``rank``, ``world_size``, ``device`` (a label for the log).
+    """
+
+    framework = "?"
+    extension = "?"  # checkpoint suffix: pt | pdparams | ckpt
+
+    rank, world_size, device = 0, 1, "cpu"
+
+    def setup(self, config: dict) -> None:
+        """Start the process group (under a launcher), pick the device, set rank and world_size."""
+        raise NotImplementedError
+
+    def build(self, spec: DiRSpec, recipe: Recipe, config: dict) -> int:
+        """Model (seeded canonical init), EMA copy, optimizer and objective; returns the parameter count."""
+        raise NotImplementedError
+
+    def read_checkpoint(self, path) -> dict:
+        """A training checkpoint of this backend as a dict with ``common.training.TRAIN_CHECKPOINT_KEYS``."""
+        raise NotImplementedError
+
+    def restore(self, checkpoint: dict, path) -> None:
+        """Load model, EMA and optimizer state from what :meth:`read_checkpoint` returned."""
+        raise NotImplementedError
+
+    def distribute(self) -> None:
+        """Wrap the model for data parallelism (after a resume loaded the weights). No-op by default."""
+
+    def loader(self, source, step_sampler, start_step: int, num_workers: int):
+        """Endless iterator of micro-batches ``(x, y, skipped)`` in the framework's types."""
+        raise NotImplementedError
+
+    def set_learning_rate(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list, draws: list) -> dict[str, float]:
+        """Accumulate over the micro-batches (each with its ``StepDraws``), clip, step the optimizer.
+
+        Returns this process's means of every loss term, ``grad_norm`` and ``skipped`` (a count).
+        """
+        raise NotImplementedError
+
+    def update_ema(self, decay: float) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self, path, step: int, metadata: dict) -> None:
+        """Every rank calls; rank 0 writes model, EMA, optimizer and ``metadata`` atomically."""
+        raise NotImplementedError
+
+    def sample_grid(self, labels: np.ndarray, settings: SamplerSettings, seed: int) -> np.ndarray:
+        """Samples of the EMA weights for ``labels`` as float [N, C, H, W] in [-1, 1] (decoded when latent)."""
+        raise NotImplementedError
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def finish(self) -> None:
+        """Last barrier and process-group teardown."""
+
+
+def wants_grid(step: int, config: dict, last: bool) -> bool:
+    if config["sample_every"] < 0 or (config["dataset"] == "latents" and not config["vae_path"]):
+        return False
+    return last or (config["sample_every"] > 0 and step % config["sample_every"] == 0)
+
+
+def interval_means(interval: list[dict[str, float]], world_size: int) -> dict[str, float]:
+    """Per-key means over a log interval (divided by world_size: summed across processes next)."""
+    keys = [key for key in interval[0] if key != "skipped"]
+    means = {key: sum(v[key] for v in interval) / (len(interval) * world_size) for key in keys}
+    means["skipped"] = float(sum(v["skipped"] for v in interval))
+    return means
+
+
+def run_training(config: dict, backend: TrainBackend, source_name: str = "config") -> dict:
+    """Run one training job; returns ``{'step', 'loss', 'checkpoint', 'recipe'}`` of the end state."""
+    check_train_config(config, source_name)
+    backend.setup(config)
+    rank, world_size = backend.rank, backend.world_size
+    micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
+
+    source = build_source(config)
+    spec = model_spec(config, source, source_name)
+    try:
+        recipe = recipe_from_config(config, source.class_names)
+    except RecipeError as err:
+        raise RecipeError(f"{source_name}: {err}") from None
+    num_parameters = backend.build(spec, recipe, config)
+    layout = RunLayout(config["run_dir"], backend.extension)
+
+    start_step = 0
+    resume_path = resolve_resume(config["resume"], layout.root, backend.extension)
+    if resume_path is not None:
+        checkpoint = backend.read_checkpoint(resume_path)
+        check_train_checkpoint(checkpoint, resume_path, spec)
+        saved = checkpoint_recipe(checkpoint, resume_path)
+        if saved is not None and saved.to_dict() != recipe.to_dict():
+            raise CheckpointError(f"{resume_path}: the checkpoint was trained with recipe {saved.to_json()}, the "
+                                  f"config asks for {recipe.to_json()}; use another run_dir to train anew")
+        backend.restore(checkpoint, resume_path)
+        start_step = int(checkpoint["step"])
+    backend.distribute()
+
+    from common.data import StepSampler
+
+    step_sampler = StepSampler(len(source), config["global_batch_size"], world_size, rank,
+                               config["grad_accum_steps"], config["seed"], config["random_flip"])
+    batches = iter(backend.loader(source, step_sampler, start_step, config["num_workers"]))
+    batch_shape = (micro_batch, spec.in_channels, spec.input_size, spec.input_size)
+
+    logger = RunLogger(layout) if rank == 0 else None
+    if rank == 0:
+        save_resolved(config, layout.config)
+        logger.event("start", step=start_step, resumed_from=str(resume_path) if resume_path else None,
+                     spec=spec.to_dict(), recipe=recipe.to_dict(), framework=backend.framework,
+                     data=f"{config['dataset']}: {len(source)} items, {source.num_classes} classes",
+                     batch=describe_batch(config, world_size, micro_batch), parameters=num_parameters)
+        tqdm.write(f"DiR {config['model']} | {num_parameters:,} parameters | {recipe.objective} | "
+                   f"{config['dataset']} ({len(source)} items) | {describe_batch(config, world_size, micro_batch)} | "
+                   f"{backend.framework} on {backend.device}"
+                   + (f" | resumed from {resume_path} at step {start_step}" if resume_path else ""))
+
+    grid = grid_settings(config, recipe)
+    metadata = {"config": dict(config), "spec": spec.to_dict(), "recipe": recipe.to_dict(),
+                "rng": {"kind": "per-step", "seed": config["seed"], "world_size": world_size,
+                        "note": "every draw of (rank, step, micro) comes from numpy.random.default_rng("
+                                "[seed, world_size, rank, step, micro]) (common.objectives.step_draws)"}}
+    meter, interval, skipped_total = Throughput(), [], 0
+    progress = tqdm(total=config["max_steps"], initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    step, values = start_step, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UnreadableItemWarning)
+        while step < config["max_steps"]:
+            backend.set_learning_rate(learning_rate(step, config))
+            micro_batches = [next(batches) for _ in range(config["grad_accum_steps"])]
+            draws = [step_draws(recipe, spec.class_dropout_prob, batch_shape, config["seed"], world_size, rank, step, j)
+                     for j in range(config["grad_accum_steps"])]
+            values = backend.train_step(micro_batches, draws)
+            backend.update_ema(ema_decay(step, config))
+            step += 1
+            meter.add(micro_batch * config["grad_accum_steps"] * world_size)
+            interval.append(values)
+            last = step == config["max_steps"]
+            if step % config["log_every"] == 0 or last:
+                means = backend.all_reduce_sum(interval_means(interval, world_size))
+                skipped_total += int(means.pop("skipped"))
+                if rank == 0:
+                    logger.metrics(step, {**means, "lr": learning_rate(step - 1, config), "images_per_s": meter.rate(),
+                                          "skipped_images": skipped_total})
+                    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{meter.rate():.0f}")
+                meter.reset()
+                interval = []
+            progress.update(1)
+            if step % config["ckpt_every"] == 0 or last:
+                backend.save_checkpoint(layout.checkpoint(step), step, metadata)
+                if rank == 0:
+                    logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
+            if rank == 0 and wants_grid(step, config, last):
+                labels = np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
+                from common.images import save_grid
+
+                images = backend.sample_grid(labels, grid, config["seed"])
+                save_grid(layout.grid(step), images, nrow=config["sample_per_class"],
+                          upscale=max(1, 64 // images.shape[-1]))
+    progress.close()
+    if rank == 0:
+        logger.event("end", step=step, skipped_images=skipped_total)
+        logger.close()
+        plot_loss_curve(layout.log, layout.loss_curve)
+    backend.finish()
+    return {"step": step, "loss": values.get("loss"), "checkpoint": str(layout.checkpoint(step)), "recipe": recipe}
