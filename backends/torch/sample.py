@@ -28,7 +28,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-class TorchSampler(SampleBackend):
+class SampleAdapter(SampleBackend):
     """The PyTorch side of ``common.sampling.run_sampling``."""
 
     framework = "torch"
@@ -59,14 +59,14 @@ class TorchSampler(SampleBackend):
 def load_model(ckpt: str, weights: str = "ema", device: str = "cpu"):
     """(model in eval mode, spec, recipe or None) from any backend's checkpoint or a run folder."""
     state, spec, recipe, _ = read_weights(ckpt, weights)
-    backend = TorchSampler()
+    backend = SampleAdapter()
     backend.setup({"device": device})
     return backend.load_model(state, spec), spec, recipe
 
 
 def sample(config: dict, source_name: str = "config", keep_raw: bool = False) -> dict:
     """Run one sampling job; returns the written paths."""
-    return run_sampling(config, TorchSampler(), source_name, keep_raw)
+    return run_sampling(config, SampleAdapter(), source_name, keep_raw)
 
 
 def main(argv=None) -> None:

@@ -81,7 +81,7 @@ def train_step(model, objective, optimizer, micro_batches, config: dict, device)
     return totals
 
 
-class TorchTrainer(TrainBackend):
+class TrainAdapter(TrainBackend):
     """The PyTorch side of ``common.trainer.run_training``."""
 
     framework = "torch"
@@ -186,7 +186,7 @@ class TorchTrainer(TrainBackend):
 
 def train(config: dict, source_name: str = "config") -> dict:
     """Run one training job; returns the end state {'step', 'loss', 'checkpoint', 'recipe', 'model', 'ema'}."""
-    backend = TorchTrainer()
+    backend = TrainAdapter()
     result = run_training(config, backend, source_name)
     return {**result, "model": unwrap(backend.model), "ema": backend.ema}
 
