@@ -36,9 +36,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+        fsync_folder(path.parent)  # the rename itself survives a power cut only once the folder is synced
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (renames, deletions) to disk, where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; the file itself is synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

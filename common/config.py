@@ -126,6 +126,13 @@ TRAIN_OPTIONS = [
     Option("resume", "str", None, "null | auto (latest checkpoint in run_dir, if any) | path to a checkpoint", nullable=True),
     Option("log_every", "int", 50, "steps between log lines (JSONL, TensorBoard)"),
     Option("ckpt_every", "int", 1000, "steps between checkpoints (one is always written at the end)"),
+    Option("keep_last", "int", 0, "keep only the newest N checkpoints (0 = keep every one); milestones survive"),
+    Option("keep_every", "int", 0, "checkpoints at multiples of this step are milestones, never deleted (0 = none)"),
+    Option("on_nonfinite", "str", "stop", "a non-finite loss or gradient norm: stop (the run ends, naming the step "
+           "and term) | skip (drop that update and count it)", ("stop", "skip")),
+    Option("max_nonfinite_skips", "int", 10, "with on_nonfinite: skip, stop after this many skipped updates"),
+    Option("collective_timeout", "int", 600, "seconds a process waits in a collective (all-reduce, barrier) before "
+           "giving up, so a dead rank stops the others instead of hanging them"),
     Option("sample_every", "int", 0, "steps between sample grids written to run_dir/samples (0 = only at the end, -1 = never)"),
     Option("sample_sampler", "str", None, "sampler for the training grids (null = ddim for ddpm, euler for flow)",
            GRID_SAMPLERS, nullable=True),
@@ -365,6 +372,12 @@ def check_train_config(config: dict, source: str = "config") -> None:
                           "(the VAE downsamples by 8)")
     if not 0.0 <= config["ema_decay"] <= 1.0:
         raise ConfigError(f"{source}: key 'ema_decay' = {config['ema_decay']} must be in [0, 1]")
+    for key in ("keep_last", "keep_every"):
+        if config[key] < 0:
+            raise ConfigError(f"{source}: key '{key}' = {config[key]} must be >= 0 (0 = off)")
+    if config["max_nonfinite_skips"] < 1 or config["collective_timeout"] < 1:
+        key = "max_nonfinite_skips" if config["max_nonfinite_skips"] < 1 else "collective_timeout"
+        raise ConfigError(f"{source}: key '{key}' = {config[key]} must be at least 1")
     if config["objective"] == "flow" and config.get("learn_sigma"):
         raise ConfigError(f"{source}: key 'learn_sigma' = true does not fit objective 'flow' (flow matching "
                           "learns no variance; the extra channels would get no gradient); set learn_sigma: false "

@@ -12,6 +12,7 @@ adapter holds no objective-specific code: the objective comes from
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -19,13 +20,14 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointError
 from common.config import batch_layout, check_train_config, save_resolved
-from common.data import UnreadableItemWarning, build_source
+from common.data import DataError, UnreadableItemWarning, build_source
 from common.objectives import SamplerSettings, grid_settings, step_draws
 from common.recipe import Recipe, RecipeError, recipe_from_config
 from common.spec import DiRSpec
 from common.training import (
-    RunLayout, RunLogger, Throughput, check_train_checkpoint, checkpoint_recipe, describe_batch, ema_decay,
-    grid_classes, learning_rate, model_spec, plot_loss_curve, resolve_resume,
+    NonFiniteError, RunLayout, RunLogger, Throughput, check_train_checkpoint, checkpoint_recipe, describe_batch,
+    ema_decay, grid_classes, latest_checkpoint, learning_rate, list_checkpoints, model_spec, nonfinite_entries,
+    plot_loss_curve, prune_checkpoints, resolve_resume,
 )
 
 
@@ -67,10 +69,24 @@ class TrainBackend:
         raise NotImplementedError
 
     def train_step(self, micro_batches: list, draws: list) -> dict[str, float]:
-        """Accumulate over the micro-batches (each with its ``StepDraws``), clip, step the optimizer.
+        """Accumulate gradients over the micro-batches (each with its ``StepDraws``) and clip them;
+        the update is applied by :meth:`apply_update` (or dropped by :meth:`discard_update`).
 
-        Returns this process's means of every loss term, ``grad_norm`` and ``skipped`` (a count).
+        Returns this process's means of every loss term, ``grad_norm`` (of the gradients averaged
+        over processes, before clipping) and ``skipped`` (a count of unreadable items).
         """
+        raise NotImplementedError
+
+    def apply_update(self) -> None:
+        """Take the optimizer step with the gradients of the last :meth:`train_step`."""
+        raise NotImplementedError
+
+    def discard_update(self) -> None:
+        """Drop the gradients of the last :meth:`train_step` (a non-finite step being skipped)."""
+        raise NotImplementedError
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of model or EMA parameters holding NaN or inf (none may reach a checkpoint)."""
         raise NotImplementedError
 
     def update_ema(self, decay: float) -> None:
@@ -105,6 +121,75 @@ def interval_means(interval: list[dict[str, float]], world_size: int) -> dict[st
     return means
 
 
+def nonfinite_terms(values: dict[str, float]) -> list[str]:
+    return [key for key, value in values.items() if key != "skipped" and not math.isfinite(value)]
+
+
+def resume_checkpoint(config: dict, layout: RunLayout, backend: TrainBackend, spec: DiRSpec, logger_events: list):
+    """(path, checkpoint dict) to resume from, or (None, None).
+
+    ``resume: auto`` takes the newest checkpoint whose weights are finite, saying which
+    ones it passed over; a checkpoint named explicitly must be finite.
+    """
+    if config["resume"] == "auto":
+        candidates = [path for _, path in reversed(list_checkpoints(layout.checkpoints, backend.extension))]
+    else:
+        path = resolve_resume(config["resume"], layout.root, backend.extension)
+        candidates = [] if path is None else [path]
+    for path in candidates:
+        checkpoint = backend.read_checkpoint(path)
+        check_train_checkpoint(checkpoint, path, spec)
+        bad = nonfinite_entries({key: checkpoint[key] for key in ("model", "ema") if isinstance(checkpoint.get(key), dict)})
+        if not bad:
+            return path, checkpoint
+        message = (f"{path} holds non-finite tensors ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); "
+                   "not resuming from it")
+        if config["resume"] != "auto":
+            raise CheckpointError(message)
+        tqdm.write(f"warning: {message}; trying the one before")
+        logger_events.append(("resume_skipped", {"path": str(path), "nonfinite": bad[:20]}))
+    return None, None
+
+
+def save_checkpoint(backend: TrainBackend, layout: RunLayout, step: int, metadata: dict, config: dict) -> None:
+    """Write the step's checkpoint (never one with non-finite weights), then rotate the old ones.
+
+    A failed write (disk full, no permission) stops the run and leaves the previous checkpoint
+    as it was: the new one goes to a temp file that is renamed only when complete.
+    """
+    bad = backend.nonfinite_tensors()
+    if bad:
+        raise NonFiniteError(f"step {step}: the weights hold NaN or inf ({', '.join(bad[:4])}"
+                             f"{' ...' if len(bad) > 4 else ''}); no checkpoint was written")
+    path = layout.checkpoint(step)
+    previous = latest_checkpoint(layout.root, backend.extension)
+    try:
+        backend.save_checkpoint(path, step, metadata)
+    except OSError as err:
+        tqdm.write("")  # end the progress bar's line before the error
+        raise CheckpointError(f"step {step}: writing {path} failed ({err.strerror or err}); nothing was written "
+                              f"there, and the newest intact checkpoint is {previous or 'none'}") from None
+    if backend.rank == 0:
+        prune_checkpoints(layout, config["keep_last"], config["keep_every"])
+
+
+def check_trainable(source, config: dict, world_size: int) -> None:
+    """Stop before the first step when the data cannot fill a step (the path and what was found)."""
+    where = config.get("data_path") or config["dataset"]
+    samples = getattr(source, "samples", None)
+    if config["dataset"] == "imagefolder" and samples is not None:
+        counts = np.bincount([label for _, label in samples], minlength=source.num_classes)
+        empty = [source.class_names[i] for i in np.flatnonzero(counts == 0)]
+        if empty:
+            raise DataError(f"imagefolder: class folders without images under '{where}': {', '.join(empty[:10])}"
+                            f"{' ...' if len(empty) > 10 else ''}; remove them or add images (labels follow the "
+                            "sorted folder names)")
+    if len(source) < config["global_batch_size"]:
+        raise DataError(f"{where}: {len(source)} items, fewer than one global batch ({config['global_batch_size']}); "
+                        "lower global_batch_size or add data")
+    source[(0, False)]  # the first readable item, or a DataError naming the files that are not
+
+
 def run_training(config: dict, backend: TrainBackend, source_name: str = "config") -> dict:
     """Run one training job; returns ``{'step', 'loss', 'checkpoint', 'recipe'}`` of the end state."""
     check_train_config(config, source_name)
@@ -113,6 +198,7 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
     micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
 
     source = build_source(config)
+    check_trainable(source, config, world_size)
     spec = model_spec(config, source, source_name)
     try:
         recipe = recipe_from_config(config, source.class_names)
@@ -121,11 +207,9 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
     num_parameters = backend.build(spec, recipe, config)
     layout = RunLayout(config["run_dir"], backend.extension)
 
-    start_step = 0
-    resume_path = resolve_resume(config["resume"], layout.root, backend.extension)
+    start_step, events = 0, []
+    resume_path, checkpoint = resume_checkpoint(config, layout, backend, spec, events)
     if resume_path is not None:
-        checkpoint = backend.read_checkpoint(resume_path)
-        check_train_checkpoint(checkpoint, resume_path, spec)
         saved = checkpoint_recipe(checkpoint, resume_path)
         if saved is not None and saved.to_dict() != recipe.to_dict():
             raise CheckpointError(f"{resume_path}: the checkpoint was trained with recipe {saved.to_json()}, the "
@@ -144,6 +228,8 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
     logger = RunLogger(layout) if rank == 0 else None
     if rank == 0:
         save_resolved(config, layout.config)
+        for kind, fields in events:
+            logger.event(kind, **fields)
         logger.event("start", step=start_step, resumed_from=str(resume_path) if resume_path else None,
                      spec=spec.to_dict(), recipe=recipe.to_dict(), framework=backend.framework,
                      data=f"{config['dataset']}: {len(source)} items, {source.num_classes} classes",
@@ -158,7 +244,7 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                 "rng": {"kind": "per-step", "seed": config["seed"], "world_size": world_size,
                         "note": "every draw of (rank, step, micro) comes from numpy.random.default_rng("
                                 "[seed, world_size, rank, step, micro]) (common.objectives.step_draws)"}}
-    meter, interval, skipped_total = Throughput(), [], 0
+    meter, interval, skipped_total, nonfinite_skips = Throughput(), [], 0, 0
     progress = tqdm(total=config["max_steps"], initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
     step, values = start_step, {}
     with warnings.catch_warnings():
@@ -169,7 +255,32 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
             draws = [step_draws(recipe, spec.class_dropout_prob, batch_shape, config["seed"], world_size, rank, step, j)
                      for j in range(config["grad_accum_steps"])]
             values = backend.train_step(micro_batches, draws)
-            backend.update_ema(ema_decay(step, config))
+            bad = nonfinite_terms(values)
+            if world_size > 1 and backend.all_reduce_sum({"bad": float(bool(bad))})["bad"] > 0 and not bad:
+                bad = ["loss on another rank"]  # every rank takes the same decision
+            if bad:
+                backend.discard_update()
+                nonfinite_skips += 1
+                what = ", ".join(f"{key} = {values.get(key, float('nan'))}" for key in bad)
+                if rank == 0:
+                    logger.event("nonfinite", step=step + 1, terms=bad, action=config["on_nonfinite"])
+                if config["on_nonfinite"] == "stop" or nonfinite_skips > config["max_nonfinite_skips"]:
+                    newest = latest_checkpoint(layout.root, backend.extension)
+                    reason = ("on_nonfinite: stop" if config["on_nonfinite"] == "stop" else
+                              f"{nonfinite_skips} skipped updates, more than max_nonfinite_skips "
+                              f"({config['max_nonfinite_skips']})")
+                    progress.close()
+                    if rank == 0:
+                        logger.close()
+                    raise NonFiniteError(
+                        f"step {step + 1}: non-finite {what}; the run stops ({reason}) and the update was not applied. "
+                        f"The newest checkpoint ({newest or 'none yet'}) holds finite weights. Lower lr, set "
+                        "grad_clip, or set on_nonfinite: skip to pass over rare bad batches")
+                tqdm.write(f"warning: step {step + 1}: non-finite {what}; update skipped "
+                           f"({nonfinite_skips} of at most {config['max_nonfinite_skips']})")
+            else:
+                backend.apply_update()
+                backend.update_ema(ema_decay(step, config))
             step += 1
             meter.add(micro_batch * config["grad_accum_steps"] * world_size)
             interval.append(values)
@@ -179,13 +290,13 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                 skipped_total += int(means.pop("skipped"))
                 if rank == 0:
                     logger.metrics(step, {**means, "lr": learning_rate(step - 1, config), "images_per_s": meter.rate(),
-                                          "skipped_images": skipped_total})
+                                          "skipped_images": skipped_total, "skipped_updates": nonfinite_skips})
                     progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{meter.rate():.0f}")
                 meter.reset()
                 interval = []
             progress.update(1)
             if step % config["ckpt_every"] == 0 or last:
-                backend.save_checkpoint(layout.checkpoint(step), step, metadata)
+                save_checkpoint(backend, layout, step, metadata, config)
                 if rank == 0:
                     logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
             if rank == 0 and wants_grid(step, config, last):
@@ -197,7 +308,7 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                           upscale=max(1, 64 // images.shape[-1]))
     progress.close()
     if rank == 0:
-        logger.event("end", step=step, skipped_images=skipped_total)
+        logger.event("end", step=step, skipped_images=skipped_total, skipped_updates=nonfinite_skips)
         logger.close()
         plot_loss_curve(layout.log, layout.loss_curve)
     backend.finish()

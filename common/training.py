@@ -10,6 +10,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common.checkpoint import CheckpointError, atomic_write
 from common.config import ConfigError, spec_overrides
 from common.data import model_input_size
@@ -19,6 +21,10 @@ from common.spec import DiRSpec, SpecError, build_spec
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7,})\.(pt|pdparams|ckpt)$")
 # What every backend's training checkpoint holds (the converter reads 'model', 'ema', 'spec').
 TRAIN_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "rng", "config", "spec")
+
+
+class NonFiniteError(ValueError):
+    """A training step produced a NaN or inf loss or gradient norm (the run stops cleanly)."""
 
 
 def model_spec(config: dict, source, source_name: str = "config") -> DiRSpec:
@@ -156,6 +162,59 @@ def list_checkpoints(folder: str | Path, extension: str | None = None) -> list[t
     return sorted(found)
 
 
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """Which checkpoint steps survive rotation: the newest ``keep_last`` (all when 0) and every
+    multiple of ``keep_every`` (the milestones)."""
+    steps = sorted(steps)
+    keep = set(steps if keep_last <= 0 else steps[-keep_last:])
+    if keep_every > 0:
+        keep |= {step for step in steps if step % keep_every == 0}
+    return keep
+
+
+def prune_checkpoints(layout: RunLayout, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete the checkpoints rotation does not keep; call it only after the newest one is durable."""
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(layout.checkpoints, layout.extension)
+    keep = retained_steps([step for step, _ in found], keep_last, keep_every)
+    deleted = []
+    for step, path in found:
+        if step not in keep:
+            path.unlink()
+            deleted.append(path)
+    if deleted:
+        from common.atomic import fsync_folder
+
+        fsync_folder(layout.checkpoints)
+    return deleted
+
+
+def nonfinite_entries(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint dict holding NaN or inf.
+
+    Tensors are numpy arrays or anything with a numpy view (``.detach().cpu().numpy()``
+    for torch, ``.numpy()`` / ``.asnumpy()`` for Paddle and MindSpore).
+    """
+    found = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            found += nonfinite_entries(value, name + ".")
+            continue
+        array = value
+        if hasattr(array, "detach"):
+            array = array.detach().float().cpu().numpy()
+        elif hasattr(array, "asnumpy"):
+            array = array.asnumpy()
+        elif hasattr(array, "numpy") and not isinstance(array, np.ndarray):
+            array = array.numpy()
+        if isinstance(array, np.ndarray) and array.dtype.kind == "f" and not np.isfinite(array).all():
+            found.append(name)
+    return found
+
+
 def latest_checkpoint(run_dir: str | Path, extension: str | None = None) -> Path | None:
     found = list_checkpoints(RunLayout(run_dir).checkpoints, extension)
     return found[-1][1] if found else None
@@ -213,6 +272,15 @@ class TensorBoardScalars:
         self._writer.close()
 
 
+def json_line(record: dict) -> str:
+    """One strict-JSON line: a NaN or inf value becomes null and its key is listed under 'nonfinite'
+    (json.dumps would write the bare tokens NaN / Infinity, which JSON readers reject)."""
+    bad = [key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False, default=str)
+
+
 class RunLogger:
     """JSONL log (one object per line) plus TensorBoard scalars when tensorboard is installed.
 
@@ -232,10 +300,10 @@ class RunLogger:
 
     def event(self, kind: str, **fields) -> None:
         """A non-metric record (run start, resume, checkpoint written, warnings)."""
-        self._file.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        self._file.write(json_line({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
 
     def metrics(self, step: int, values: dict) -> None:
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.write(json_line({"step": step, **values}) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.add(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
 
@@ -256,7 +324,7 @@ def read_metrics(log_path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if "step" in row and "loss" in row:
+        if "step" in row and isinstance(row.get("loss"), (int, float)):
             rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]
 

@@ -37,3 +37,14 @@ def run_python(code_or_args, *, env_extra=None, timeout=600, cwd=REPO_ROOT):
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def cli_error(main, argv, capsys) -> str:
+    """Run a command line's ``main(argv)`` expecting bad input: exit code 2 and one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2, f"exit code {exit_info.value.code}, expected 2"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]

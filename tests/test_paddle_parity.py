@@ -9,11 +9,14 @@ to an .npz; the tests compare them with the relative error ||a - b|| / ||b||:
 * training loss and every parameter's gradient: <= 1e-4;
 * parameters (and EMA) after 10 AdamW steps (lr 1e-4, DiT's) with warmup, cosine decay,
   weight decay and clipping, through each backend's own ``train_step``: <= 1e-5;
-* a 20-step DDIM sample with classifier-free guidance from the same noise: <= 1e-4.
+* a 20-step DDIM sample with classifier-free guidance from the same noise: <= 1e-4;
+* flow matching (GVP path, logit-normal times): the loss and every gradient <= 1e-4, and
+  20-step Euler, 20-step Heun and 20-step SDE samples with guidance from the same noise
+  (the samplers draw it from the same numpy seed, in the same order): <= 1e-4.
 
-Label dropout uses each framework's RNG, so the models run in eval mode (no label
-dropout; the null class is passed explicitly), and the diffusion timesteps and noise
-come from the .npz. ``DIR_PARITY_REPORT=path`` writes the measured figures as JSON.
+The timesteps (or flow times), the noise and the dropped labels (the null class, passed
+explicitly) come from the .npz, as the trainer passes its seeded draws.
+``DIR_PARITY_REPORT=path`` writes the measured figures as JSON.
 """
 import json
 import os
@@ -32,15 +35,16 @@ WORKER = r'''
 import sys
 import numpy as np
 fw, inputs_path, out_path = sys.argv[1:4]
-from common.params import init_canonical
+from common.objectives import training_inputs
+from common.recipe import Recipe
 from common.spec import DiRSpec
-from common.diffusion import make_schedule
 from common.training import learning_rate, ema_decay
 data = dict(np.load(inputs_path, allow_pickle=False))
 specs = {name[5:]: DiRSpec.from_json(str(data[name])) for name in data if name.startswith("spec_")}
+recipes = {name[7:]: Recipe.from_json(str(data[name])) for name in data if name.startswith("recipe_")}
 if fw == "torch":
     import torch
-    from backends.torch import models, wkv, diffusion, train
+    from backends.torch import diffusion, flow, models, objectives, train, wkv
     T = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     N = lambda t: t.detach().numpy()
     def grads(model):
@@ -51,7 +55,7 @@ if fw == "torch":
     device = torch.device("cpu")
 else:
     import paddle
-    from backends.paddle import models, wkv, diffusion, train
+    from backends.paddle import diffusion, flow, models, objectives, train, wkv
     from common.param_mapping import from_framework
     T = lambda a: paddle.to_tensor(np.ascontiguousarray(a))
     N = lambda t: t.detach().numpy()
@@ -65,35 +69,29 @@ else:
 def build(spec, state):
     model = models.DiR(spec)
     model.load_canonical(state)
-    model.eval()  # no label dropout: its RNG differs between frameworks
+    model.eval()
     return model
 
-def canonical(model):
-    return model.canonical_state()
-
-def fixed_noise(objective, t, noise):
-    """Make training_losses use the given t and noise (each framework draws its own otherwise)."""
-    original = type(objective).training_losses.__get__(objective)
-    objective.training_losses = lambda m, x, y: original(m, x, y, t=T(t), noise=T(noise))
+def weights(prefix):
+    return {k[len(prefix) + 1:]: v for k, v in data.items() if k.startswith(prefix + ".")}
 
 out = {}
 x, t, y = data["x"], data["t"], data["y"]
 for name, spec in specs.items():
     if name.startswith("fwd_"):
-        model = build(spec, {k[len(name) + 3:]: v for k, v in data.items() if k.startswith(f"w_{name}.")})
+        model = build(spec, weights(f"w_{name}"))
         out[name] = N(model(T(x), T(t), T(y)))
 
 # WKV6 alone, with decays strong enough for the sub-chunk path
 out["wkv_bi"] = N(wkv.wkv6(*(T(data[f"wkv_{k}"]) for k in "rkvwu"), bidirectional=True))
 out["wkv_causal"] = N(wkv.wkv6(*(T(data[f"wkv_{k}"]) for k in "rkvwu")))
 
-# loss and gradients
-spec = specs["train"]
-state = {k[8:]: v for k, v in data.items() if k.startswith("w_train.")}
+# DDPM loss and gradients, with the given timesteps and noise
+spec, recipe = specs["train"], recipes["ddpm"]
+state = weights("w_train")
 model = build(spec, state)
-objective = diffusion.DDPMObjective(1000, "linear", spec.learn_sigma)
-fixed_noise(objective, data["t_train"], data["noise"])
-losses = objective.training_losses(model, T(data["x0"]), T(data["y_train"]))
+losses = diffusion.DDPMObjective(recipe, spec.learn_sigma).training_losses(
+    model, T(data["x0"]), T(data["y_train"]), t=T(data["t_train"]), noise=T(data["noise"]))
 losses["loss"].mean().backward()
 for key in ("loss", "mse", "vb"):
     out[f"loss_{key}"] = N(losses[key])
@@ -107,31 +105,49 @@ config = {"lr": 1e-4, "weight_decay": 0.05, "adam_beta2": 0.99, "grad_clip": 0.5
 model = build(spec, state)
 ema = build(spec, state)
 optimizer = train.build_optimizer(model, config)
-objective = diffusion.DDPMObjective(1000, "linear", spec.learn_sigma)
+objective = objectives.build_objective(recipe, spec.learn_sigma)
 norms = []
 for step in range(10):
-    fixed_noise(objective, data["t_steps"][step], data["noise_steps"][step])
     set_lr(optimizer, learning_rate(step, config))
-    batch = [(T(data["x0_steps"][step]), T(data["y_train"]), T(np.zeros(len(data["y_train"]), np.int64)))]
+    inputs = {k: T(v) for k, v in training_inputs(recipe, data["t_steps"][step]).items()}
+    batch = [(T(data["x0_steps"][step]), T(data["y_train"]), inputs, T(data["noise_steps"][step]), 0)]
     values = train.train_step(model, objective, optimizer, batch, config, device)
+    optimizer.step()
     train.update_ema(ema, model, ema_decay(step, config))
     norms.append(values["grad_norm"])
 out["grad_norms"] = np.asarray(norms)
-for n, v in canonical(model).items():
+for n, v in model.canonical_state().items():
     out[f"adamw.{n}"] = v
-for n, v in canonical(ema).items():
+for n, v in ema.canonical_state().items():
     out[f"ema.{n}"] = v
 for n, v in state.items():
     out[f"init.{n}"] = v
 
-# 20-step DDIM with guidance from the same initial noise (eta = 0: no noise after it)
-model = build(specs["sample"], {k[9:]: v for k, v in data.items() if k.startswith("w_sample.")})
-sampler = diffusion.Sampler(make_schedule(1000, "linear", True), "ddim", 20, eta=0.0)
-fn = diffusion.guided_model(model, T(data["y_sample"]), 4.0, specs["sample"].num_classes)
-z = T(data["z"])
-for i in range(sampler.num_steps - 1, -1, -1):
-    z = sampler.step(fn, z, i, None)
-out["ddim"] = N(z)
+def guided(model, spec, scale):
+    return objectives.guided_model(model, T(data["y_sample"]), T(np.full(3, spec.num_classes)), scale,
+                                   spec.in_channels)
+
+# 20-step DDIM with guidance, its initial noise from the shared seed (eta = 0: no noise after it)
+spec = specs["sample"]
+sampler = diffusion.DDPMSampler(recipe, True, "ddim", 20, eta=0.0)
+out["ddim"] = N(sampler.sample(guided(build(spec, weights("w_sample")), spec, 4.0), (3, 4, 8, 8),
+                               np.random.default_rng(int(data["seed_sample"]))))
+
+# flow matching: loss and gradients on a non-trivial path, then Euler / Heun / SDE samples with guidance
+spec, recipe = specs["flow"], recipes["flow"]
+model = build(spec, weights("w_flow"))
+losses = flow.FlowObjective(recipe).training_losses(model, T(data["x0"]), T(data["y_train"]),
+                                                    t=data["t_flow"], noise=T(data["noise"]))
+losses["loss"].mean().backward()
+for key in ("loss", "mse"):
+    out[f"flow_loss_{key}"] = N(losses[key])
+for n, g in grads(model).items():
+    out[f"flow_grad.{n}"] = g
+model = build(spec, weights("w_flow"))
+for kind in ("euler", "heun", "sde"):
+    sampler = flow.FlowSampler(recipe, kind, 20)
+    out[f"flow_{kind}"] = N(sampler.sample(guided(model, spec, 4.0), (3, 4, 8, 8),
+                                           np.random.default_rng(int(data["seed_sample"]))))
 np.savez(out_path, **out)
 '''
 
@@ -145,7 +161,7 @@ FAMILIES = {
     "pos_none": {"pos_embed": "none"},
     "no_learn_sigma": {"learn_sigma": False, "scan": "causal"},
 }
-FORWARD_TOL, WKV_TOL, GRAD_TOL, ADAMW_TOL, DDIM_TOL = 1e-5, 1e-5, 1e-4, 1e-5, 1e-4
+FORWARD_TOL, WKV_TOL, GRAD_TOL, ADAMW_TOL, DDIM_TOL, FLOW_TOL = 1e-5, 1e-5, 1e-4, 1e-5, 1e-4, 1e-4
 
 
 def rel(a, b):
@@ -163,6 +179,7 @@ def _perturbed(spec, seed):
 
 
 def _inputs():
+    from common.recipe import recipe_from_config
     from common.spec import build_spec
 
     rng = np.random.default_rng(0)
@@ -195,7 +212,16 @@ def _inputs():
     data["spec_sample"] = np.array(sample_spec.to_json())
     data.update({f"w_sample.{k}": v for k, v in _perturbed(sample_spec, 11).items()})
     data["y_sample"] = np.array([0, 3, 9])
-    data["z"] = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    data["seed_sample"] = np.array(20)
+    data["recipe_ddpm"] = np.array(recipe_from_config({"objective": "ddpm", "diffusion_steps": 1000,
+                                                       "noise_schedule": "linear"}).to_json())
+
+    flow_spec = build_spec("DiR-Tiny/2", **{**BASE, "learn_sigma": False, "skip": True})
+    data["spec_flow"] = np.array(flow_spec.to_json())
+    data.update({f"w_flow.{k}": v for k, v in _perturbed(flow_spec, 13).items()})
+    data["recipe_flow"] = np.array(recipe_from_config({"objective": "flow", "flow_path": "gvp",
+                                                       "flow_time_sampling": "logit_normal"}).to_json())
+    data["t_flow"] = np.array([0.03, 0.31, 0.62, 0.97])
     return data
 
 
@@ -266,3 +292,24 @@ def test_ddim_cfg_sample_matches_torch(results):
     report["ddim20_cfg"] = rel(pd["ddim"], ref["ddim"])
     assert np.isfinite(pd["ddim"]).all()
     assert report["ddim20_cfg"] <= DDIM_TOL
+
+
+def test_flow_loss_and_every_gradient_match_torch(results):
+    ref, pd, report = results
+    for key in ("flow_loss_loss", "flow_loss_mse"):
+        report[key] = rel(pd[key], ref[key])
+        assert report[key] <= FLOW_TOL, key
+    names = [k for k in ref if k.startswith("flow_grad.")]
+    assert names and set(names) == {k for k in pd if k.startswith("flow_grad.")}
+    errors = {name: rel(pd[name], ref[name]) for name in names}
+    worst = max(errors, key=errors.get)
+    report["flow_grad_max"], report["flow_grad_worst"] = errors[worst], worst
+    assert errors[worst] <= FLOW_TOL, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("kind", ["euler", "heun", "sde"])
+def test_flow_cfg_samples_match_torch(results, kind):
+    ref, pd, report = results
+    report[f"flow_{kind}20_cfg"] = rel(pd[f"flow_{kind}"], ref[f"flow_{kind}"])
+    assert np.isfinite(pd[f"flow_{kind}"]).all()
+    assert report[f"flow_{kind}20_cfg"] <= FLOW_TOL

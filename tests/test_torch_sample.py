@@ -1,5 +1,6 @@
 """PyTorch sampling CLI (backends/torch/sample.py) and the shared output/class logic (common/sampling.py)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from common.sampling import (  # noqa: E402
     class_names_for, imagenet_class_names, imagenet_wnids, load_samples, parse_classes, read_weights,
 )
 from common.spec import DiRSpec  # noqa: E402
+from tests.conftest import cli_error  # noqa: E402
 from tests.test_torch_train import tiny_config  # noqa: E402
 
 
@@ -92,18 +94,18 @@ def test_sample_from_canonical_safetensors(trained, tmp_path):
         sample(sample_config(trained, tmp_path / "x", "--noise_schedule", "cosine"))
 
 
-def test_sample_cli_errors(trained, tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown class name 'sevn' \(did you mean 'seven'\?\)"):
-        sample_main(["--ckpt", str(trained), "--classes", "sevn", "--out_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"class index 12 is out of range; the model has classes 0..9"):
-        sample_main(["--ckpt", str(trained), "--classes", "[12]", "--out_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"checkpoint '.*nothing' not found"):
-        sample_main(["--ckpt", str(tmp_path / "nothing")])
+def test_sample_cli_errors(trained, tmp_path, capsys):
+    message = cli_error(sample_main, ["--ckpt", str(trained), "--classes", "sevn", "--out_dir", str(tmp_path)], capsys)
+    assert re.search(r"unknown class name 'sevn' \(did you mean 'seven'\?\)", message), message
+    message = cli_error(sample_main, ["--ckpt", str(trained), "--classes", "[12]", "--out_dir", str(tmp_path)], capsys)
+    assert re.search(r"class index 12 is out of range; the model has classes 0..9", message), message
+    message = cli_error(sample_main, ["--ckpt", str(tmp_path / "nothing")], capsys)
+    assert re.search(r"checkpoint '.*nothing' not found", message), message
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"is a folder without checkpoints"):
-        sample_main(["--ckpt", str(tmp_path / "empty")])
-    with pytest.raises(SystemExit, match=r"key 'cfg_scale' = 0.5 must be >= 1"):
-        sample_main(["--ckpt", str(trained), "--cfg_scale", "0.5"])
+    message = cli_error(sample_main, ["--ckpt", str(tmp_path / "empty")], capsys)
+    assert re.search(r"is a folder without checkpoints", message), message
+    message = cli_error(sample_main, ["--ckpt", str(trained), "--cfg_scale", "0.5"], capsys)
+    assert re.search(r"key 'cfg_scale' = 0.5 must be >= 1", message), message
 
 
 def test_imagenet_table_and_class_parsing():

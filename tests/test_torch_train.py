@@ -1,5 +1,6 @@
 """PyTorch training (backends/torch/train.py): exact resume, atomic checkpoints, logs, errors."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from backends.torch.train import main as train_main, train  # noqa: E402
 from common.config import TRAIN_SCHEMA, parse_cli  # noqa: E402
+from tests.conftest import cli_error  # noqa: E402
 from common.training import TRAIN_CHECKPOINT_KEYS, latest_checkpoint, list_checkpoints, read_metrics  # noqa: E402
 
 TINY = ["--dataset", "digits", "--image_size", "8", "--hidden_size", "64", "--depth", "2", "--global_batch_size", "8",
@@ -116,14 +118,14 @@ def test_resume_refuses_a_different_model(uninterrupted, tmp_path):
 def test_corrupt_checkpoint_and_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=r"error: .*bad.pt: not a readable PyTorch checkpoint"):
-        train_main([*TINY, "--run_dir", str(tmp_path), "--max_steps", "1", "--resume", str(bad)])
-    with pytest.raises(SystemExit, match=r"error: command line: unknown key '--max_step' \(did you mean 'max_steps'\?\)"):
-        train_main(["--max_step", "3"])
-    with pytest.raises(SystemExit, match=r"error: config file 'missing.yaml' not found"):
-        train_main(["-c", "missing.yaml"])
-    with pytest.raises(SystemExit, match=r"resume: checkpoint '.*nothing.pt' not found"):
-        train_main([*TINY, "--run_dir", str(tmp_path), "--resume", str(tmp_path / "nothing.pt")])
+    message = cli_error(train_main, [*TINY, "--run_dir", str(tmp_path), "--max_steps", "1", "--resume", str(bad)], capsys)
+    assert re.search(r"error: .*bad.pt: not a readable PyTorch checkpoint", message), message
+    message = cli_error(train_main, ["--max_step", "3"], capsys)
+    assert re.search(r"error: command line: unknown key '--max_step' \(did you mean 'max_steps'\?\)", message), message
+    message = cli_error(train_main, ["-c", "missing.yaml"], capsys)
+    assert re.search(r"error: config file 'missing.yaml' not found", message), message
+    message = cli_error(train_main, [*TINY, "--run_dir", str(tmp_path), "--resume", str(tmp_path / "nothing.pt")], capsys)
+    assert re.search(r"resume: checkpoint '.*nothing.pt' not found", message), message
 
 
 def test_resume_rejects_wrong_layout_and_another_recipe(tmp_path, uninterrupted):

@@ -1,20 +1,18 @@
-"""DDPM in MindSpore: the training loss and the DDPM / DDIM samplers with classifier-free guidance.
+"""DDPM in MindSpore: the training loss (DiT's hybrid loss) and the DDPM / DDIM samplers.
 
 Mirrors ``backends/torch/diffusion.py``. The numbers come from ``common/diffusion.py``;
 this file only does tensor arithmetic on them. A model is any callable
-``model(x [N, C, H, W], t [N] original timesteps, y [N](, force_drop_ids)) -> [N, C_out, H, W]``.
+``model(x [N, C, H, W], t [N] original timesteps, cond) -> [N, C_out, H, W]``
+(C_out = 2C when sigma is learned); the condition is passed through untouched.
+Guidance and the choice of objective live in ``backends/mindspore/objectives.py``.
 
 MindSpore idiom:
 
-* ``GaussianDiffusion`` and ``DDPMObjective`` are ``ms.jit_class`` classes, so the
-  loss compiles inside a Graph-mode ``construct`` (``backends/mindspore/train.py``).
-* ``training_losses`` takes the timesteps ``t``, the noise and the label-dropout mask
-  as optional inputs: the trainer draws them from a seeded host (numpy) RNG, which
-  makes a run reproducible in PyNative and Graph mode alike, resumable from the
-  checkpointed generator state, and lets parity tests feed PyTorch's exact draws.
-  Left out, they are drawn with MindSpore's RNG (PyNative).
-* Samplers draw their noise from a ``numpy.random.Generator`` (host), as PyTorch
-  draws from a CPU ``torch.Generator``: a seed gives the same images on any device.
+* ``GaussianDiffusion`` and ``DDPMObjective`` are ``ms.jit_class`` classes, so
+  ``losses_from_inputs`` compiles inside a Graph-mode ``construct``
+  (``backends/mindspore/train.py``); ``training_losses`` prepares its inputs on the host
+  and is called outside compiled code.
+* MindSpore places tensors by its global context, so no ``device`` argument.
 * ``.detach()`` is ``ops.stop_gradient``.
 """
 from __future__ import annotations
@@ -26,7 +24,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from common.diffusion import HALF_BIN, LOG2, DiffusionSchedule, ddim_sigmas, make_schedule, sampling_schedule
+from common.diffusion import (
+    HALF_BIN, LOG2, DiffusionSchedule, ddim_direction_coefficients, ddim_sigmas, make_schedule, sampling_schedule,
+)
+from common.objectives import training_inputs
+from common.recipe import Recipe
 
 
 def _gather(array, t, ndim: int):
@@ -141,101 +143,105 @@ class DDPMObjective:
     """Epsilon-prediction training on the full schedule; the hybrid loss MSE + VB when sigma
     is learned (the VB term sees a detached eps, so it trains only the variance)."""
 
-    def __init__(self, num_timesteps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True):
-        self.diffusion = GaussianDiffusion(make_schedule(num_timesteps, noise_schedule, learn_sigma))
-        self.num_timesteps = num_timesteps
-        self.learn_sigma = learn_sigma
-        self.vb_scale = num_timesteps / 1000.0  # DiT's RESCALED_MSE: VB scaled by T/1000
+    def __init__(self, recipe: Recipe, learn_sigma: bool):
+        self.recipe = recipe
+        self.diffusion = GaussianDiffusion(make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma))
 
-    def training_losses(self, model: Callable, x_start, y, t=None, noise=None, force_drop_ids=None):
-        """x_start [N, C, H, W], y [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
+    def training_losses(self, model: Callable, x_start, cond, t=None, noise=None) -> dict:
+        """x_start [N, C, H, W], cond [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
 
-        ``t`` [N] int, ``noise`` like x_start, ``force_drop_ids`` [N] (1 = null label): given
-        by the trainer from its host RNG; drawn with MindSpore's RNG when left out.
+        ``t`` [N] integer timesteps (tensor or numpy) and ``noise`` like x_start; drawn from
+        numpy's unseeded generator when left out (the trainer always passes its seeded draws).
         """
-        d = self.diffusion
         if t is None:
-            t = ops.randint(0, self.num_timesteps, (x_start.shape[0],), dtype=ms.int64)
+            t = np.random.default_rng().integers(0, self.diffusion.num_timesteps, x_start.shape[0])
+        t = t.asnumpy() if isinstance(t, Tensor) else np.asarray(t)
+        inputs = {k: Tensor(v) for k, v in training_inputs(self.recipe, t).items()}
         if noise is None:
-            noise = ops.standard_normal(x_start.shape)
+            noise = Tensor(np.random.default_rng().standard_normal(x_start.shape, dtype=np.float32))
+        return self.losses_from_inputs(model, x_start, cond, inputs, noise)
+
+    def losses_from_inputs(self, model: Callable, x_start, cond, inputs: dict, noise) -> dict:
+        """The loss from prepared inputs (``common.objectives.training_inputs``: ``{'t'}``)."""
+        d = self.diffusion
+        t = inputs["t"]
         x_t = d.q_sample(x_start, t, noise)
-        output = model(x_t, t, y, force_drop_ids).astype(ms.float32)
+        output = model(x_t, t, cond).astype(ms.float32)
         channels = x_start.shape[1]
-        eps = output[:, :channels]
-        mse = _mean_flat((noise - eps) ** 2)
-        if self.learn_sigma:
-            frozen = ops.concat([ops.stop_gradient(eps), output[:, channels:]], 1)
-            vb = d.vb_terms_bpd(frozen, x_start, x_t, t) * self.vb_scale
-            return {"loss": mse + vb, "mse": mse, "vb": vb}
-        return {"loss": mse, "mse": mse}
+        expected = 2 * channels if d.learn_sigma else channels
+        if output.shape[1] != expected:
+            raise ValueError(f"model output has {output.shape[1]} channels, expected {expected} "
+                             f"(learn_sigma={d.learn_sigma}, {channels} input channels)")
+        losses = {"mse": _mean_flat((noise - output[:, :channels]) ** 2)}
+        if d.learn_sigma:
+            frozen = ops.concat([ops.stop_gradient(output[:, :channels]), output[:, channels:]], 1)
+            # DiT's RESCALED_MSE: the VB term is scaled by T/1000 (1 for T = 1000).
+            losses["vb"] = d.vb_terms_bpd(frozen, x_start, x_t, t) * (d.num_timesteps / 1000.0)
+            losses["loss"] = losses["mse"] + losses["vb"]
+        else:
+            losses["loss"] = losses["mse"]
+        return losses
 
 
 # ---- sampling ----------------------------------------------------------------------
 
-def guided_model(model, y, cfg_scale: float, null_class: int) -> Callable:
-    """``fn(x, t) -> output`` for the current batch x [N, ...] with labels y [N].
+def _noise(rng, shape) -> Tensor:
+    """Standard normal float32 noise from a host numpy generator: a seed gives the same images
+    in every backend and on every device."""
+    return Tensor(rng.standard_normal(tuple(shape), dtype=np.float32))
 
-    With cfg_scale > 1 the batch is doubled (second half with the null label) and
-    ``model.forward_with_cfg`` returns guided eps; the first half is kept.
+
+class DDPMSampler:
+    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim.
+
+    Noise: the initial x_T, then one draw per step for ddpm (none at the last) and for ddim
+    with eta > 0, in step order, from the numpy generator given to :meth:`sample`.
     """
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    y_doubled = ops.concat([y, ops.full_like(y, null_class)])
 
-    def fn(x, t):
-        out = model.forward_with_cfg(ops.concat([x, x]), ops.concat([t, t]), y_doubled, cfg_scale)
-        return out[: len(x)]
-
-    return fn
-
-
-def _randn(shape, generator: np.random.Generator | None) -> Tensor:
-    """Standard normal noise from a host generator (float32), so a seed gives the same images anywhere."""
-    generator = generator if generator is not None else np.random.default_rng()
-    return Tensor(generator.standard_normal(shape, dtype=np.float32))
-
-
-class Sampler:
-    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim."""
-
-    def __init__(self, train_schedule: DiffusionSchedule, sampler: str = "ddpm", num_steps: int | None = None,
+    def __init__(self, recipe: Recipe, learn_sigma: bool, sampler: str = "ddpm", num_steps: int | None = None,
                  eta: float = 0.0, clip_denoised: bool = False):
         self.kind = sampler
-        schedule = sampling_schedule(train_schedule, sampler, num_steps)
+        train = make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma)
+        schedule = sampling_schedule(train, sampler, num_steps)
         self.diffusion = GaussianDiffusion(schedule)
+        self.eta = eta
         self.ddim_sigmas = Tensor(ddim_sigmas(schedule, eta).astype("float32"))
+        self.ddim_direction = Tensor(ddim_direction_coefficients(schedule, eta).astype("float32"))
         self.clip_denoised = clip_denoised
 
     @property
     def num_steps(self) -> int:
         return self.diffusion.num_timesteps
 
-    def step(self, model_fn: Callable, x, i: int, generator: np.random.Generator | None):
+    @property
+    def nfe(self) -> int:
+        return self.num_steps
+
+    def step(self, model_fn: Callable, x, i: int, rng):
         """One reverse step at respaced index i (the model sees the original timestep)."""
         d = self.diffusion
         t = ops.full((x.shape[0],), i, dtype=ms.int64)
         output = model_fn(x, ops.gather(d.timestep_map, t, 0)).astype(ms.float32)
         out = d.p_mean_variance(output, x, t, self.clip_denoised)
-        noise = _randn(x.shape, generator) if i > 0 else None
         if self.kind == "ddpm":
-            if noise is None:
+            if i == 0:
                 return out["mean"]
-            return out["mean"] + ops.exp(0.5 * out["log_variance"]) * noise
+            return out["mean"] + ops.exp(0.5 * out["log_variance"]) * _noise(rng, x.shape)
         alpha_bar_prev = _gather(d.alphas_cumprod_prev, t, x.ndim)
-        sigma = _gather(self.ddim_sigmas, t, x.ndim)
         mean = (out["pred_xstart"] * ops.sqrt(alpha_bar_prev)
-                + ops.sqrt(ops.clamp(1.0 - alpha_bar_prev - sigma**2, min=0.0)) * out["eps"])
-        return mean if noise is None else mean + sigma * noise
+                + _gather(self.ddim_direction, t, x.ndim) * out["eps"])
+        if i == 0 or self.eta == 0:
+            return mean
+        return mean + _gather(self.ddim_sigmas, t, x.ndim) * _noise(rng, x.shape)
 
-    def sample(self, model_fn: Callable, shape: tuple[int, ...], generator: np.random.Generator | None = None,
-               progress: bool = False, noise=None):
-        """Images of ``shape`` [N, C, H, W] from noise drawn with ``generator`` (or the given ``noise``)."""
-        x = _randn(shape, generator) if noise is None else noise
+    def sample(self, model_fn: Callable, shape: tuple[int, ...], rng, progress: bool = False):
+        """Images of ``shape`` [N, C, H, W]: noise, then the reverse steps (``rng``: numpy Generator)."""
+        x = _noise(rng, shape)
         steps = range(self.num_steps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.kind} {self.num_steps} steps", leave=False)
         for i in steps:
-            x = self.step(model_fn, x, i, generator)
+            x = self.step(model_fn, x, i, rng)
         return x

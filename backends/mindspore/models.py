@@ -25,16 +25,12 @@ Ops used, and where they run:
 
 Differences from the PyTorch module, all MindSpore idiom:
 
-* ``construct(x, t, y, force_drop_ids=None)``: the optional ``force_drop_ids`` [N]
-  (1 = replace the label by the null class) lets training draw label dropout from a
-  seeded host RNG and parity tests drop the same labels in both frameworks; without
-  it, training mode drops labels with MindSpore's RNG like PyTorch does with its own.
-* ``forward_with_cfg`` keeps PyTorch's name (it is a plain method that calls the
-  compiled ``construct``, so it works in PyNative and Graph mode alike).
 * ``set_wkv_branch("auto" | "safe")`` picks the WKV6 score path: "auto" (PyNative
   default) chooses factorised vs pairwise from the data like PyTorch; "safe" (the
   default when the model is built under GRAPH_MODE) always takes the pairwise split,
   which compiles (see ``backends/mindspore/wkv.py``).
+* ``set_execution_mode`` (PyNative or Graph, and the device) is MindSpore's global
+  context; it is set before a model is built.
 """
 from __future__ import annotations
 
@@ -149,8 +145,9 @@ class TimestepEmbedder(nn.Cell):
 
 
 class LabelEmbedder(nn.Cell):
-    """Class labels [N] -> [N, D]; in training a label becomes the null class
-    (id ``num_classes``) with probability ``dropout_prob``, for classifier-free guidance."""
+    """Class labels [N] -> [N, D]. With ``dropout_prob > 0`` the table has an extra "null" row
+    (id ``num_classes``) for classifier-free guidance; the trainer draws which labels become
+    null (``common.objectives.step_draws``) and passes them as that id."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -158,16 +155,7 @@ class LabelEmbedder(nn.Cell):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def token_drop(self, labels, force_drop_ids=None):
-        if force_drop_ids is None:
-            drop = ops.rand(labels.shape[0]) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return ops.where(drop, ops.full_like(labels, self.num_classes), labels)
-
-    def construct(self, labels, train: bool, force_drop_ids=None):
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
+    def construct(self, labels):
         return self.embedding_table(labels)
 
 
@@ -285,8 +273,9 @@ class FinalLayer(nn.Cell):
 
 
 class DiR(nn.Cell):
-    """Diffusion RWKV: noisy images x [N, C, H, W], timesteps t [N], labels y [N]
-    -> [N, out_channels, H, W] (eps, then the variance interpolation when learn_sigma)."""
+    """Diffusion RWKV: noisy inputs x [N, C, H, W], times t [N] (DDPM timesteps, or flow times
+    scaled by flow_time_scale), labels y [N] -> [N, out_channels, H, W] (the prediction: eps
+    or velocity; then DDPM's variance interpolation when learn_sigma)."""
 
     def __init__(self, spec: DiRSpec):
         super().__init__()
@@ -307,7 +296,6 @@ class DiR(nn.Cell):
         self.num_in_blocks = spec.num_in_blocks
         self.skip_sources = tuple(spec.skip_source(i) if spec.is_out_block(i) else -1 for i in range(spec.num_blocks))
         self.out_channels, self.patch_size, self.grid_size = spec.out_channels, spec.patch_size, spec.grid_size
-        self.in_channels = spec.in_channels
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
@@ -349,11 +337,11 @@ class DiR(nn.Cell):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return x.transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, h * p)
 
-    def construct(self, x, t, y, force_drop_ids=None):
+    def construct(self, x, t, y):
         x = self.x_embedder(x)
         if self.has_pos_embed:
             x = x + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        c = self.t_embedder(t) + self.y_embedder(y)
         in_block_outputs = []
         i = 0
         for block in self.blocks:
@@ -365,15 +353,3 @@ class DiR(nn.Cell):
                 in_block_outputs.append(x)
             i += 1
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float):
-        """Classifier-free guidance on a doubled batch: the first half of ``y`` holds the
-        classes, the second half the null class; both halves get the guided eps."""
-        if not self.spec.has_null_class:
-            raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
-        half = x[: len(x) // 2]
-        out = self(ops.concat([half, half], 0), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond_eps, uncond_eps = ops.split(eps, len(eps) // 2, 0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return ops.concat([ops.concat([guided, guided], 0), rest], 1)

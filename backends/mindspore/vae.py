@@ -19,7 +19,7 @@ class VAEError(ValueError):
     """The VAE folder is missing, mindone is not installed, or the device cannot run it."""
 
 
-def load_vae(path: str | None, device=None):
+def load_vae(path: str | None):
     """AutoencoderKL from a local diffusers-format folder (config.json + weights)."""
     if not path:
         raise VAEError("this is a latent model: set 'vae_path' to a local diffusers AutoencoderKL folder")
@@ -39,11 +39,11 @@ def load_vae(path: str | None, device=None):
     return vae
 
 
-def encode(vae, images):
+def encode(vae, images, scale: float = LATENT_SCALE):
     """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (a posterior sample)."""
-    return vae.diag_gauss_dist.sample(vae.encode(images)[0]) * LATENT_SCALE
+    return vae.diag_gauss_dist.sample(vae.encode(images)[0]) * scale
 
 
-def decode(vae, latents):
+def decode(vae, latents, scale: float = LATENT_SCALE):
     """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1]."""
-    return vae.decode(latents / LATENT_SCALE)[0].clamp(-1.0, 1.0)
+    return vae.decode(latents / scale)[0].clamp(-1.0, 1.0)

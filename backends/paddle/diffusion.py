@@ -1,14 +1,10 @@
-"""DDPM in PaddlePaddle: the training loss and the DDPM / DDIM samplers with classifier-free guidance.
+"""DDPM in PaddlePaddle: the training loss (DiT's hybrid loss) and the DDPM / DDIM samplers.
 
 The numbers come from ``common/diffusion.py``; this file only does tensor
-arithmetic on them. The objective lives apart from the model: a model is any
-callable ``model(x [N, C, H, W], t [N] original timesteps, y [N]) -> [N, C_out, H, W]``
-(C_out = 2C when sigma is learned), so a flow-matching objective can sit beside
-this one without touching the network.
-
-Randomness: training draws t and the noise from Paddle's global RNG (seeded per
-process); sampling draws its noise from a ``numpy.random.Generator`` so a seed gives
-the same images on any device (Paddle has no generator objects).
+arithmetic on them. A model is any callable
+``model(x [N, C, H, W], t [N] original timesteps, cond) -> [N, C_out, H, W]``
+(C_out = 2C when sigma is learned); the condition is passed through untouched.
+Guidance and the choice of objective live in ``backends/paddle/objectives.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +14,11 @@ from typing import Callable
 import numpy as np
 import paddle
 
-from common.diffusion import HALF_BIN, LOG2, DiffusionSchedule, ddim_sigmas, make_schedule, sampling_schedule
+from common.diffusion import (
+    HALF_BIN, LOG2, DiffusionSchedule, ddim_direction_coefficients, ddim_sigmas, make_schedule, sampling_schedule,
+)
+from common.objectives import training_inputs
+from common.recipe import Recipe
 
 
 def _gather(array: paddle.Tensor, t: paddle.Tensor, ndim: int) -> paddle.Tensor:
@@ -120,24 +120,31 @@ class DDPMObjective:
     """Epsilon-prediction training on the full schedule; the hybrid loss MSE + VB when sigma
     is learned (the VB term sees a detached eps, so it trains only the variance)."""
 
-    def __init__(self, num_timesteps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True,
-                 device: str | None = None):
-        self.diffusion = GaussianDiffusion(make_schedule(num_timesteps, noise_schedule, learn_sigma), device)
+    def __init__(self, recipe: Recipe, learn_sigma: bool, device: str | None = None):
+        self.recipe = recipe
+        self.diffusion = GaussianDiffusion(make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma),
+                                           device)
 
-    def training_losses(self, model: Callable, x_start: paddle.Tensor, y: paddle.Tensor,
-                        t: paddle.Tensor | None = None, noise: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
-        """x_start [N, C, H, W], y [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
+    def training_losses(self, model: Callable, x_start: paddle.Tensor, cond, t=None, noise=None) -> dict[str, paddle.Tensor]:
+        """x_start [N, C, H, W], cond [N] -> per-image losses {'loss', 'mse'(, 'vb')} of shape [N].
 
-        Draws t and the noise from the global Paddle RNG (seeded per process) unless given
-        (the cross-framework parity tests pass the same t and noise to every backend).
+        ``t`` [N] integer timesteps (tensor or numpy) and ``noise`` like x_start; drawn from
+        numpy's unseeded generator when left out (the trainer always passes its seeded draws).
         """
-        d = self.diffusion
         if t is None:
-            t = paddle.randint(0, d.num_timesteps, [x_start.shape[0]], dtype="int64")
+            t = np.random.default_rng().integers(0, self.diffusion.num_timesteps, x_start.shape[0])
+        t = t.numpy() if isinstance(t, paddle.Tensor) else np.asarray(t)
+        inputs = {k: paddle.to_tensor(v, place=x_start.place) for k, v in training_inputs(self.recipe, t).items()}
         if noise is None:
-            noise = paddle.randn(x_start.shape, dtype=x_start.dtype)
+            noise = paddle.randn_like(x_start)
+        return self.losses_from_inputs(model, x_start, cond, inputs, noise)
+
+    def losses_from_inputs(self, model: Callable, x_start, cond, inputs: dict, noise) -> dict[str, paddle.Tensor]:
+        """The loss from prepared inputs (``common.objectives.training_inputs``: ``{'t'}``)."""
+        d = self.diffusion
+        t = inputs["t"]
         x_t = d.q_sample(x_start, t, noise)
-        output = model(x_t, t, y).astype("float32")
+        output = model(x_t, t, cond).astype("float32")
         channels = x_start.shape[1]
         expected = 2 * channels if d.learn_sigma else channels
         if output.shape[1] != expected:
@@ -154,81 +161,68 @@ class DDPMObjective:
         return losses
 
 
-def build_objective(config: dict, learn_sigma: bool, device=None) -> DDPMObjective:
-    """The training objective a config names (``objective`` key). A flow-matching objective
-    (SiT / rectified flow) slots in here with the same ``training_losses`` signature."""
-    if config["objective"] == "ddpm":
-        return DDPMObjective(config["diffusion_steps"], config["noise_schedule"], learn_sigma, device)
-    raise ValueError(f"unknown objective '{config['objective']}'; allowed: ddpm")
-
-
 # ---- sampling ----------------------------------------------------------------------
 
-def guided_model(model, y: paddle.Tensor, cfg_scale: float, null_class: int) -> Callable:
-    """``fn(x, t) -> output`` for the current batch x [N, ...] with labels y [N].
+def _noise(rng, shape, device) -> paddle.Tensor:
+    """Standard normal float32 noise from a host numpy generator: a seed gives the same images
+    in every backend and on every device."""
+    return paddle.to_tensor(rng.standard_normal(tuple(shape), dtype="float32"), place=device)
 
-    With cfg_scale > 1 the batch is doubled (second half with the null label) and
-    ``model.forward_with_cfg`` returns guided eps; the first half is kept.
+
+class DDPMSampler:
+    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim.
+
+    Noise: the initial x_T, then one draw per step for ddpm (none at the last) and for ddim
+    with eta > 0, in step order, from the numpy generator given to :meth:`sample`.
     """
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    y_doubled = paddle.concat([y, paddle.full_like(y, null_class)])
 
-    def fn(x, t):
-        out = model.forward_with_cfg(paddle.concat([x, x]), paddle.concat([t, t]), y_doubled, cfg_scale)
-        return out[: x.shape[0]]
-
-    return fn
-
-
-def _randn(shape, generator: np.random.Generator | None, device) -> paddle.Tensor:
-    """Noise drawn from a numpy generator then moved, so a seed gives the same images on any device."""
-    generator = generator if generator is not None else np.random.default_rng()
-    return paddle.to_tensor(generator.standard_normal(tuple(shape), dtype=np.float32), place=device)
-
-
-class Sampler:
-    """Walks a respaced schedule from noise to images. ``sampler``: ddpm (ancestral) | ddim."""
-
-    def __init__(self, train_schedule: DiffusionSchedule, sampler: str = "ddpm", num_steps: int | None = None,
+    def __init__(self, recipe: Recipe, learn_sigma: bool, sampler: str = "ddpm", num_steps: int | None = None,
                  eta: float = 0.0, clip_denoised: bool = False, device: str | None = None):
         self.kind = sampler
-        schedule = sampling_schedule(train_schedule, sampler, num_steps)
+        train = make_schedule(recipe.diffusion_steps, recipe.noise_schedule, learn_sigma)
+        schedule = sampling_schedule(train, sampler, num_steps)
         self.diffusion = GaussianDiffusion(schedule, device)
+        self.eta = eta
         self.ddim_sigmas = paddle.to_tensor(ddim_sigmas(schedule, eta).astype("float32"), place=device)
+        self.ddim_direction = paddle.to_tensor(ddim_direction_coefficients(schedule, eta).astype("float32"),
+                                               place=device)
         self.clip_denoised = clip_denoised
 
     @property
     def num_steps(self) -> int:
         return self.diffusion.num_timesteps
 
-    def step(self, model_fn: Callable, x: paddle.Tensor, i: int, generator: np.random.Generator | None):
+    @property
+    def nfe(self) -> int:
+        return self.num_steps
+
+    def step(self, model_fn: Callable, x: paddle.Tensor, i: int, rng):
         """One reverse step at respaced index i (the model sees the original timestep)."""
         d = self.diffusion
         t = paddle.full([x.shape[0]], i, dtype="int64")
         output = model_fn(x, paddle.gather(d.timestep_map, t)).astype("float32")
         out = d.p_mean_variance(output, x, t, self.clip_denoised)
-        noise = _randn(x.shape, generator, x.place) if i > 0 else None
         if self.kind == "ddpm":
-            if noise is None:
+            if i == 0:
                 return out["mean"]
-            return out["mean"] + paddle.exp(0.5 * out["log_variance"]) * noise
+            return out["mean"] + paddle.exp(0.5 * out["log_variance"]) * _noise(rng, x.shape, x.place)
         alpha_bar_prev = _gather(d.alphas_cumprod_prev, t, x.ndim)
-        sigma = _gather(self.ddim_sigmas, t, x.ndim)
         mean = (out["pred_xstart"] * paddle.sqrt(alpha_bar_prev)
-                + paddle.sqrt((1.0 - alpha_bar_prev - sigma**2).clip(min=0.0)) * out["eps"])
-        return mean if noise is None else mean + sigma * noise
+                + _gather(self.ddim_direction, t, x.ndim) * out["eps"])
+        if i == 0 or self.eta == 0:
+            return mean
+        return mean + _gather(self.ddim_sigmas, t, x.ndim) * _noise(rng, x.shape, x.place)
 
     @paddle.no_grad()
-    def sample(self, model_fn: Callable, shape: tuple[int, ...], generator: np.random.Generator | None = None,
-               device: str | None = None, progress: bool = False) -> paddle.Tensor:
-        """Images of ``shape`` [N, C, H, W] from noise drawn with ``generator``."""
-        x = _randn(shape, generator, device)
+    def sample(self, model_fn: Callable, shape: tuple[int, ...], rng, device: str | None = None,
+               progress: bool = False) -> paddle.Tensor:
+        """Images of ``shape`` [N, C, H, W]: noise, then the reverse steps (``rng``: numpy Generator)."""
+        x = _noise(rng, shape, device)
         steps = range(self.num_steps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.kind} {self.num_steps} steps", leave=False)
         for i in steps:
-            x = self.step(model_fn, x, i, generator)
+            x = self.step(model_fn, x, i, rng)
         return x

@@ -75,8 +75,9 @@ class TimestepEmbedder(nn.Layer):
 
 
 class LabelEmbedder(nn.Layer):
-    """Class labels [N] -> [N, D]; in training a label becomes the null class
-    (id ``num_classes``) with probability ``dropout_prob``, for classifier-free guidance."""
+    """Class labels [N] -> [N, D]. With ``dropout_prob > 0`` the table has an extra "null" row
+    (id ``num_classes``) for classifier-free guidance; the trainer draws which labels become
+    null (``common.objectives.step_draws``) and passes them as that id."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -84,16 +85,7 @@ class LabelEmbedder(nn.Layer):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def token_drop(self, labels, force_drop_ids=None):
-        if force_drop_ids is None:
-            drop = paddle.rand([labels.shape[0]]) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return paddle.where(drop, paddle.full_like(labels, self.num_classes), labels)
-
-    def forward(self, labels, train: bool, force_drop_ids=None):
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
+    def forward(self, labels):
         return self.embedding_table(labels)
 
 
@@ -204,8 +196,9 @@ class FinalLayer(nn.Layer):
 
 
 class DiR(nn.Layer):
-    """Diffusion RWKV: noisy images x [N, C, H, W], timesteps t [N], labels y [N]
-    -> [N, out_channels, H, W] (eps, then the variance interpolation when learn_sigma)."""
+    """Diffusion RWKV: noisy inputs x [N, C, H, W], times t [N] (DDPM timesteps, or flow times
+    scaled by flow_time_scale), labels y [N] -> [N, out_channels, H, W] (the prediction: eps
+    or velocity; then DDPM's variance interpolation when learn_sigma)."""
 
     def __init__(self, spec: DiRSpec):
         super().__init__()
@@ -262,22 +255,10 @@ class DiR(nn.Layer):
         x = self.x_embedder(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.t_embedder(t) + self.y_embedder(y)
         in_block_outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c, in_block_outputs.pop() if self.out_blocks[i] else None)
             if i < self.num_in_blocks:
                 in_block_outputs.append(x)
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float):
-        """Classifier-free guidance on a doubled batch: the first half of ``y`` holds the
-        classes, the second half the null class; both halves get the guided eps."""
-        if not self.spec.has_null_class:
-            raise ValueError("classifier-free guidance needs class_dropout_prob > 0 (the model has no null class)")
-        half = x[: x.shape[0] // 2]
-        out = self.forward(paddle.concat([half, half], axis=0), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond_eps, uncond_eps = eps.chunk(2, axis=0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return paddle.concat([paddle.concat([guided, guided], axis=0), rest], axis=1)

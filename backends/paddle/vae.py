@@ -36,12 +36,12 @@ def load_vae(path: str | None, device=None):
 
 
 @paddle.no_grad()
-def encode(vae, images: paddle.Tensor) -> paddle.Tensor:
+def encode(vae, images: paddle.Tensor, scale: float = LATENT_SCALE) -> paddle.Tensor:
     """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (a posterior sample)."""
-    return vae.encode(images).latent_dist.sample() * LATENT_SCALE
+    return vae.encode(images).latent_dist.sample() * scale
 
 
 @paddle.no_grad()
-def decode(vae, latents: paddle.Tensor) -> paddle.Tensor:
+def decode(vae, latents: paddle.Tensor, scale: float = LATENT_SCALE) -> paddle.Tensor:
     """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1]."""
-    return vae.decode(latents / LATENT_SCALE).sample.clip(-1.0, 1.0)
+    return vae.decode(latents / scale).sample.clip(-1.0, 1.0)

@@ -16,9 +16,8 @@ import torch
 from backends.torch.models import DiR
 from backends.torch.objectives import generate
 from backends.torch.vae import VAEError
-from common.checkpoint import CheckpointError
+from common.cli import run_cli
 from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli
-from common.recipe import RecipeError
 from common.sampling import SampleBackend, read_weights, run_sampling
 
 
@@ -70,11 +69,11 @@ def sample(config: dict, source_name: str = "config", keep_raw: bool = False) ->
 
 
 def main(argv=None) -> None:
-    try:
+    def run():
         config, config_path = parse_cli(sys.argv[1:] if argv is None else argv, SAMPLE_SCHEMA, "python -m backends.torch.sample")
         sample(config, config_path or "command line")
-    except (ConfigError, CheckpointError, RecipeError, VAEError) as err:
-        raise SystemExit(f"error: {err}") from None
+
+    run_cli(run, (VAEError,))
 
 
 if __name__ == "__main__":

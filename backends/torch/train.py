@@ -26,10 +26,9 @@ from backends.torch.models import DiR
 from backends.torch.objectives import build_objective, generate
 from common.atomic import atomic_path
 from common.checkpoint import CheckpointError
+from common.cli import run_cli
 from common.conditions import drop_conditions
 from common.config import TRAIN_SCHEMA, ConfigError, parse_cli
-from common.data import DataError
-from common.recipe import RecipeError
 from common.trainer import TrainBackend, run_training
 
 EXTENSION = "pt"
@@ -57,7 +56,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_step(model, objective, optimizer, micro_batches, config: dict, device) -> dict[str, float]:
-    """Accumulate gradients over prepared micro-batches ``(x, cond, inputs, noise, skipped)``, clip, step.
+    """Accumulate gradients over prepared micro-batches ``(x, cond, inputs, noise, skipped)`` and clip
+    them (the caller then takes ``optimizer.step()``, or drops them when they are not finite).
 
     Returns this process's means of the loss terms, the gradient norm and the skipped count.
     """
@@ -77,7 +77,6 @@ def train_step(model, objective, optimizer, micro_batches, config: dict, device)
         totals["skipped"] += float(skipped)
     max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    optimizer.step()
     return totals
 
 
@@ -149,6 +148,16 @@ class TrainAdapter(TrainBackend):
                              int(skipped.sum())))
         return train_step(self.model, self.objective, self.optimizer, prepared, self.config, device)
 
+    def apply_update(self) -> None:
+        self.optimizer.step()
+
+    def discard_update(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def nonfinite_tensors(self) -> list[str]:
+        return [f"{prefix}.{name}" for prefix, module in (("model", unwrap(self.model)), ("ema", self.ema))
+                for name, param in module.named_parameters() if not bool(torch.isfinite(param).all())]
+
     def update_ema(self, decay: float) -> None:
         update_ema(self.ema, unwrap(self.model), decay)
 
@@ -192,11 +201,11 @@ def train(config: dict, source_name: str = "config") -> dict:
 
 
 def main(argv=None) -> None:
-    try:
+    def run():
         config, config_path = parse_cli(sys.argv[1:] if argv is None else argv, TRAIN_SCHEMA, "python -m backends.torch.train")
         train(config, config_path or "command line")
-    except (ConfigError, DataError, CheckpointError, RecipeError) as err:
-        raise SystemExit(f"error: {err}") from None
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""The three backends mirror each other: same files, same public classes and functions, same signatures.
+
+Read from the source (``ast``), so no framework is imported. A name or a signature that
+exists in one backend and not in its twin fails here, unless it is listed in
+``FRAMEWORK_ONLY`` with the reason the framework needs it; that list is the whole
+catalogue of deliberate differences, in the spirit of diffusers' ``check_copies``.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "backends"
+BACKENDS = ("torch", "paddle", "mindspore")
+
+# (backend, file, public name) that only that backend defines, and why.
+FRAMEWORK_ONLY = {
+    ("paddle", "train.py", "frozen_copy"): "Paddle layers cannot be deep-copied with their gradients off; the EMA is rebuilt",
+    ("paddle", "train.py", "numpy_state"): "Paddle's checkpoints hold numpy arrays (read back by a restricted unpickler)",
+    ("paddle", "train.py", "optimizer_state"): "Paddle keys AdamW's moments by unique layer names; stored by canonical name",
+    ("paddle", "train.py", "load_optimizer_state"): "the inverse of optimizer_state",
+    ("paddle", "train.py", "read_checkpoint"): "the .pdparams reader the sampler and resume share",
+    ("paddle", "sample.py", "to_static"): "paddle_to_static: the network through paddle.jit.to_static",
+    ("paddle", "sample.py", "pick_device"): "Paddle selects GPU / XPU / CPU by name",
+    ("torch", "sample.py", "pick_device"): "torch selects the CUDA device",
+    ("mindspore", "sample.py", "pick_device"): "MindSpore sets the execution mode and device target together",
+    ("mindspore", "models.py", "set_execution_mode"): "MindSpore's PyNative / Graph mode is global context",
+    ("mindspore", "models.py", "LayerNorm"): "nn.LayerNorm adds gamma/beta and mint's is Ascend-only: written out",
+    ("mindspore", "train.py", "ForwardBackward"): "value_and_grad lives in a Cell so Graph mode compiles it",
+    ("mindspore", "train.py", "ApplyGradients"): "all-reduce, clipping and AdamW in one compiled Cell",
+    ("mindspore", "train.py", "EMAUpdate"): "the EMA update as one compiled Cell",
+    ("mindspore", "train.py", "build_ema"): "a renamed (ema.) copy of the Cell's parameters",
+    ("mindspore", "train.py", "set_learning_rate"): "in-place assign: a compiled step holds the lr tensor",
+    ("mindspore", "train.py", "read_checkpoint"): "the .ckpt reader the sampler and resume share",
+    ("mindspore", "train.py", "load_state"): "loads a MindSpore-named state into a Cell through the mapping",
+    ("mindspore", "train.py", "save_checkpoint"): "mindspore.save_checkpoint entries with string metadata",
+    ("mindspore", "train.py", "load_checkpoint"): "the inverse of save_checkpoint",
+    ("mindspore", "train.py", "sum_across_processes"): "AllReduce outside the adapter, shared by the log and tests",
+    ("torch", "train.py", "unwrap"): "DistributedDataParallel wraps the module",
+    ("paddle", "train.py", "unwrap"): "paddle.DataParallel wraps the layer",
+    ("mindspore", "wkv.py", "default_branch"): "Graph mode cannot branch on data: the WKV6 path is chosen per mode",
+    ("torch", "wkv.py", "MAX_FACTORISED_EXPONENT"): "not a function; listed for completeness",
+    ("mindspore", "vae.py", "VAEError"): "raised where mindone's Ascend-only VAE cannot run",
+}
+
+
+def public_api(path: Path) -> dict[str, str]:
+    """name -> signature text for top-level functions and classes (with their public methods)."""
+    tree = ast.parse(path.read_text())
+    api = {}
+
+    def signature(node) -> str:
+        args = node.args
+        names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+        if args.vararg:
+            names.append("*" + args.vararg.arg)
+        if args.kwarg:
+            names.append("**" + args.kwarg.arg)
+        return "(" + ", ".join(names) + ")"
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            api[node.name] = signature(node)
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            api[node.name] = "class"
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and (not item.name.startswith("_") or item.name == "__init__"):
+                    name = item.name
+                    if name in ("forward", "construct"):  # each framework's name for the call
+                        name = "__call__"
+                    api[f"{node.name}.{name}"] = signature(item)
+    return api
+
+
+def mirrored_files() -> list[str]:
+    return sorted({p.relative_to(ROOT / fw).as_posix() for fw in BACKENDS for p in (ROOT / fw).glob("*.py")})
+
+
+def test_every_backend_has_every_file():
+    missing = [f"backends/{fw}/{rel}" for rel in mirrored_files() for fw in BACKENDS if not (ROOT / fw / rel).is_file()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("rel", mirrored_files())
+def test_public_names_and_signatures_match(rel):
+    apis = {fw: public_api(ROOT / fw / rel) for fw in BACKENDS if (ROOT / fw / rel).is_file()}
+    problems = []
+    names = set().union(*apis.values())
+    for name in sorted(names):
+        owners = [fw for fw in BACKENDS if name in apis[fw]]
+        top = name.split(".")[0]
+        allowed = {fw for fw in BACKENDS if (fw, rel, top) in FRAMEWORK_ONLY}
+        if allowed and set(owners) <= allowed:
+            continue
+        if len(owners) != len(apis):
+            problems.append(f"{name}: defined in {owners} only")
+            continue
+        signatures = {fw: apis[fw][name] for fw in owners}
+        if len(set(signatures.values())) > 1:
+            problems.append(f"{name}: signatures differ {signatures}")
+    assert problems == [], f"backends/*/{rel} drift:\n  " + "\n  ".join(problems)
+
+
+def test_allow_list_has_no_stale_entries():
+    stale = []
+    for fw, rel, name in FRAMEWORK_ONLY:
+        path = ROOT / fw / rel
+        if not path.is_file() or name not in {n.split(".")[0] for n in public_api(path)}:
+            stale.append((fw, rel, name))
+    assert stale == []
