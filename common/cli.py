@@ -14,13 +14,13 @@ from common.config import ConfigError
 from common.data import DataError
 from common.recipe import RecipeError
 from common.spec import SpecError
-from common.training import NonFiniteError
+from common.training import NonFiniteError, ProcessGroupError
 
 EXIT_BAD_INPUT = 2
 
 # What "the input cannot be used" means; a backend adds its own (a missing VAE, say).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, RecipeError, SpecError,
-                                                NonFiniteError)
+                                                NonFiniteError, ProcessGroupError)
 
 
 def one_line(err: BaseException) -> str:

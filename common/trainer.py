@@ -166,7 +166,6 @@ def save_checkpoint(backend: TrainBackend, layout: RunLayout, step: int, metadat
     try:
         backend.save_checkpoint(path, step, metadata)
     except OSError as err:
-        tqdm.write("")  # end the progress bar's line before the error
         raise CheckpointError(f"step {step}: writing {path} failed ({err.strerror or err}); nothing was written "
                               f"there, and the newest intact checkpoint is {previous or 'none'}") from None
     if backend.rank == 0:
@@ -247,66 +246,67 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
     meter, interval, skipped_total, nonfinite_skips = Throughput(), [], 0, 0
     progress = tqdm(total=config["max_steps"], initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
     step, values = start_step, {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UnreadableItemWarning)
-        while step < config["max_steps"]:
-            backend.set_learning_rate(learning_rate(step, config))
-            micro_batches = [next(batches) for _ in range(config["grad_accum_steps"])]
-            draws = [step_draws(recipe, spec.class_dropout_prob, batch_shape, config["seed"], world_size, rank, step, j)
-                     for j in range(config["grad_accum_steps"])]
-            values = backend.train_step(micro_batches, draws)
-            bad = nonfinite_terms(values)
-            if world_size > 1 and backend.all_reduce_sum({"bad": float(bool(bad))})["bad"] > 0 and not bad:
-                bad = ["loss on another rank"]  # every rank takes the same decision
-            if bad:
-                backend.discard_update()
-                nonfinite_skips += 1
-                what = ", ".join(f"{key} = {values.get(key, float('nan'))}" for key in bad)
-                if rank == 0:
-                    logger.event("nonfinite", step=step + 1, terms=bad, action=config["on_nonfinite"])
-                if config["on_nonfinite"] == "stop" or nonfinite_skips > config["max_nonfinite_skips"]:
-                    newest = latest_checkpoint(layout.root, backend.extension)
-                    reason = ("on_nonfinite: stop" if config["on_nonfinite"] == "stop" else
-                              f"{nonfinite_skips} skipped updates, more than max_nonfinite_skips "
-                              f"({config['max_nonfinite_skips']})")
-                    progress.close()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UnreadableItemWarning)
+            while step < config["max_steps"]:
+                backend.set_learning_rate(learning_rate(step, config))
+                micro_batches = [next(batches) for _ in range(config["grad_accum_steps"])]
+                draws = [step_draws(recipe, spec.class_dropout_prob, batch_shape, config["seed"], world_size, rank, step, j)
+                         for j in range(config["grad_accum_steps"])]
+                values = backend.train_step(micro_batches, draws)
+                bad = nonfinite_terms(values)
+                if world_size > 1 and backend.all_reduce_sum({"bad": float(bool(bad))})["bad"] > 0 and not bad:
+                    bad = ["loss on another rank"]  # every rank takes the same decision
+                if bad:
+                    backend.discard_update()
+                    nonfinite_skips += 1
+                    what = ", ".join(f"{key} = {values.get(key, float('nan'))}" for key in bad)
                     if rank == 0:
-                        logger.close()
-                    raise NonFiniteError(
-                        f"step {step + 1}: non-finite {what}; the run stops ({reason}) and the update was not applied. "
-                        f"The newest checkpoint ({newest or 'none yet'}) holds finite weights. Lower lr, set "
-                        "grad_clip, or set on_nonfinite: skip to pass over rare bad batches")
-                tqdm.write(f"warning: step {step + 1}: non-finite {what}; update skipped "
-                           f"({nonfinite_skips} of at most {config['max_nonfinite_skips']})")
-            else:
-                backend.apply_update()
-                backend.update_ema(ema_decay(step, config))
-            step += 1
-            meter.add(micro_batch * config["grad_accum_steps"] * world_size)
-            interval.append(values)
-            last = step == config["max_steps"]
-            if step % config["log_every"] == 0 or last:
-                means = backend.all_reduce_sum(interval_means(interval, world_size))
-                skipped_total += int(means.pop("skipped"))
-                if rank == 0:
-                    logger.metrics(step, {**means, "lr": learning_rate(step - 1, config), "images_per_s": meter.rate(),
-                                          "skipped_images": skipped_total, "skipped_updates": nonfinite_skips})
-                    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{meter.rate():.0f}")
-                meter.reset()
-                interval = []
-            progress.update(1)
-            if step % config["ckpt_every"] == 0 or last:
-                save_checkpoint(backend, layout, step, metadata, config)
-                if rank == 0:
-                    logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
-            if rank == 0 and wants_grid(step, config, last):
-                labels = np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
-                from common.images import save_grid
+                        logger.event("nonfinite", step=step + 1, terms=bad, action=config["on_nonfinite"])
+                    if config["on_nonfinite"] == "stop" or nonfinite_skips > config["max_nonfinite_skips"]:
+                        newest = latest_checkpoint(layout.root, backend.extension)
+                        reason = ("on_nonfinite: stop" if config["on_nonfinite"] == "stop" else
+                                  f"{nonfinite_skips} skipped updates, more than max_nonfinite_skips "
+                                  f"({config['max_nonfinite_skips']})")
+                        if rank == 0:
+                            logger.close()
+                        raise NonFiniteError(
+                            f"step {step + 1}: non-finite {what}; the run stops ({reason}) and the update was not applied. "
+                            f"The newest checkpoint ({newest or 'none yet'}) holds finite weights. Lower lr, set "
+                            "grad_clip, or set on_nonfinite: skip to pass over rare bad batches")
+                    tqdm.write(f"warning: step {step + 1}: non-finite {what}; update skipped "
+                               f"({nonfinite_skips} of at most {config['max_nonfinite_skips']})")
+                else:
+                    backend.apply_update()
+                    backend.update_ema(ema_decay(step, config))
+                step += 1
+                meter.add(micro_batch * config["grad_accum_steps"] * world_size)
+                interval.append(values)
+                last = step == config["max_steps"]
+                if step % config["log_every"] == 0 or last:
+                    means = backend.all_reduce_sum(interval_means(interval, world_size))
+                    skipped_total += int(means.pop("skipped"))
+                    if rank == 0:
+                        logger.metrics(step, {**means, "lr": learning_rate(step - 1, config), "images_per_s": meter.rate(),
+                                              "skipped_images": skipped_total, "skipped_updates": nonfinite_skips})
+                        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{meter.rate():.0f}")
+                    meter.reset()
+                    interval = []
+                progress.update(1)
+                if step % config["ckpt_every"] == 0 or last:
+                    save_checkpoint(backend, layout, step, metadata, config)
+                    if rank == 0:
+                        logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
+                if rank == 0 and wants_grid(step, config, last):
+                    labels = np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
+                    from common.images import save_grid
 
-                images = backend.sample_grid(labels, grid, config["seed"])
-                save_grid(layout.grid(step), images, nrow=config["sample_per_class"],
-                          upscale=max(1, 64 // images.shape[-1]))
-    progress.close()
+                    images = backend.sample_grid(labels, grid, config["seed"])
+                    save_grid(layout.grid(step), images, nrow=config["sample_per_class"],
+                              upscale=max(1, 64 // images.shape[-1]))
+    finally:  # an error ends the progress bar's line first, so its message starts a line of its own
+        progress.close()
     if rank == 0:
         logger.event("end", step=step, skipped_images=skipped_total, skipped_updates=nonfinite_skips)
         logger.close()

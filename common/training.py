@@ -27,6 +27,19 @@ class NonFiniteError(ValueError):
     """A training step produced a NaN or inf loss or gradient norm (the run stops cleanly)."""
 
 
+class ProcessGroupError(RuntimeError):
+    """A collective failed or timed out: another process of the run died or hangs."""
+
+
+def process_group_failure(rank: int, run_dir, extension: str, err: BaseException) -> ProcessGroupError:
+    """The one-line stop of a rank whose peers are gone, naming what to resume from."""
+    newest = latest_checkpoint(run_dir, extension)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ProcessGroupError(f"rank {rank}: a collective with the other processes failed ({first[:300]}); another "
+                             f"process probably died. The newest complete checkpoint is {newest or 'none yet'}; "
+                             "restart the run with resume: auto")
+
+
 def model_spec(config: dict, source, source_name: str = "config") -> DiRSpec:
     """The spec a train config asks for: preset + overrides, sized to the data."""
     overrides = spec_overrides(config)

@@ -261,10 +261,17 @@ for dtype in ("fp32", "bf16"):
     out["sample_" + dtype] = sampled_spec == spec and all(np.array_equal(got[k], v) for k, v in want.items())
 # a training checkpoint written by backends/paddle/train.py, converted later in the test
 try:
-    from backends.paddle.train import save_checkpoint
-    model = DiR(spec); model.load_canonical(state)
-    opt = paddle.optimizer.AdamW(parameters=model.parameters())
-    save_checkpoint(root + "/paddle_train.pdparams", model, net, opt, 7, {{"lr": 1.0}}, spec, 0, 1, "cpu")
+    from backends.paddle.train import TrainAdapter
+    from common.recipe import recipe_from_config
+    config = {{"device": "cpu", "seed": 0, "lr": 1.0, "adam_beta2": 0.999, "weight_decay": 0.0}}
+    recipe = recipe_from_config({{"objective": "ddpm"}})
+    backend = TrainAdapter()
+    backend.setup(config)
+    backend.build(spec, recipe, config)
+    backend.model.load_canonical(state)
+    backend.ema.load_canonical(state)
+    backend.save_checkpoint(root + "/paddle_train.pdparams", 7, {{"config": config, "spec": spec.to_dict(),
+                            "recipe": recipe.to_dict(), "rng": {{"kind": "per-step", "seed": 0, "world_size": 1}}}})
     out["train_ckpt"] = True
 except ImportError:
     out["train_ckpt"] = False
@@ -330,18 +337,22 @@ params.append({{"name": "optimizer.moment1.pos_embed", "data": ms.Tensor(np.zero
 ms.save_checkpoint(params, root + "/native.ckpt", append_dict={{"spec": spec.to_json(), "step": 9}})
 # backends/mindspore/train.py: its reader takes the converted file; a checkpoint it writes converts later
 try:
-    from backends.mindspore.train import build_ema, build_optimizer, read_checkpoint as ms_read, save_checkpoint
-    from backends.mindspore.models import DiR
+    from backends.mindspore.train import TrainAdapter
+    from common.recipe import recipe_from_config
     from common.training import check_train_checkpoint
-    converted = ms_read(files["fp32"])
+    adapter = TrainAdapter()
+    converted = adapter.read_checkpoint(files["fp32"])
     out["train_reader_ok"] = (check_train_checkpoint(converted, files["fp32"]) == spec
                               and all(np.array_equal(converted["ema"][k], v) for k, v in expected.items()))
-    model = DiR(spec)
-    model.load_canonical(np.load(inputs.replace("inputs.npz", "model.npz")))
-    ema = build_ema(model)
-    ema.load_canonical(state)
-    optimizer = build_optimizer(model, {{"weight_decay": 0.0, "lr": 1e-4, "adam_beta2": 0.999}})
-    save_checkpoint(root + "/ms_train.ckpt", model, ema, optimizer, 5, {{"seed": 0, "lr": 1e-4}}, spec, 0, 1)
+    config = {{"device": "cpu", "mindspore_mode": "pynative", "precision": "fp32", "seed": 0, "lr": 1e-4,
+               "adam_beta2": 0.999, "weight_decay": 0.0, "grad_accum_steps": 1, "grad_clip": 0.0}}
+    recipe = recipe_from_config({{"objective": "ddpm"}})
+    adapter.setup(config)
+    adapter.build(spec, recipe, config)
+    adapter.model.load_canonical(np.load(inputs.replace("inputs.npz", "model.npz")))
+    adapter.ema.load_canonical(state)
+    adapter.save_checkpoint(root + "/ms_train.ckpt", 5, {{"config": {{"seed": 0, "lr": 1e-4}}, "spec": spec.to_dict(),
+                            "recipe": recipe.to_dict(), "rng": {{"kind": "per-step", "seed": 0, "world_size": 1}}}})
     out["train_ckpt"] = True
 except ImportError as err:
     out["train_ckpt"] = out["train_reader_ok"] = "missing: " + str(err)

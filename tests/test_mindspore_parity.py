@@ -9,11 +9,13 @@ torch|mindspore CASE_DIR [pynative|graph]``); they exchange .npz files. Relative
 * training loss and every parameter's gradient: <= 1e-4;
 * parameters after 10 AdamW steps (warmup, cosine, clipping active, weight decay): <= 1e-5
   over all parameters together (each tensor alone <= 1e-3);
-* a 20-step DDIM sample with CFG 4 from the same initial noise: <= 1e-4.
+* a 20-step DDIM sample with CFG 4 from the same initial noise: <= 1e-4;
+* flow matching (gvp path, velocity prediction, logit-normal times): the loss and every
+  parameter's gradient <= 1e-4; 20-step Euler and Heun samples with CFG 4 and a 10-step
+  SDE sample with CFG 4, each from the same noise (one numpy generator per sample): <= 1e-4.
 
-Label dropout, timesteps and noise come from the .npz (``force_drop_ids`` on the
-MindSpore side, pre-dropped labels and patched ``torch.randint``/``randn_like`` on the
-PyTorch side), so both frameworks see identical draws.
+Timesteps, noise and label dropout come from the .npz and are passed explicitly (labels
+dropped with ``common.conditions.drop_conditions``), so both frameworks see identical draws.
 """
 from __future__ import annotations
 
@@ -38,15 +40,27 @@ FORWARD_SPECS = {
     "causal_sincos_sigma": dict(scan="causal", pos_embed="sincos", learn_sigma=True),
 }
 TRAIN_SPEC = "bidirectional_sincos_sigma"
+FLOW_SPEC = dict(scan="bidirectional", pos_embed="sincos", learn_sigma=False)
+DDPM_RECIPE = {"objective": "ddpm", "diffusion_steps": 1000, "noise_schedule": "linear"}
+FLOW_RECIPE = {"objective": "flow", "flow_path": "gvp", "flow_prediction": "velocity",
+               "flow_time_sampling": "logit_normal"}
+FLOW_SAMPLERS = {"euler": 20, "heun": 20, "sde": 10}  # sampler -> steps
 TRAIN_CONFIG = {"lr": 2e-3, "warmup_steps": 3, "lr_schedule": "cosine", "min_lr": 1e-4, "max_steps": 10,
                 "weight_decay": 0.05, "adam_beta2": 0.99, "grad_clip": 0.5, "precision": "fp32",
                 "grad_accum_steps": 1, "seed": 0}
-BATCH, STEPS, DDIM_STEPS, CFG = 4, 10, 20, 4.0
-THRESHOLDS = {"forward": 1e-5, "loss": 1e-4, "grads": 1e-4, "adamw": 1e-5, "ddim": 1e-4}
+BATCH, STEPS, DDIM_STEPS, CFG, SAMPLE_SEED = 4, 10, 20, 4.0, 99
+THRESHOLDS = {"forward": 1e-5, "loss": 1e-4, "grads": 1e-4, "adamw": 1e-5, "ddim": 1e-4,
+              "flow_loss": 1e-4, "flow_grads": 1e-4, "flow_sample": 1e-4}
 
 
 def spec_of(name):
-    return build_spec("DiR-Tiny/2", **{**BASE, **FORWARD_SPECS[name]})
+    return build_spec("DiR-Tiny/2", **{**BASE, **(FLOW_SPEC if name == "flow" else FORWARD_SPECS[name])})
+
+
+def perturbed_state(spec, rng):
+    """Canonical init plus noise (so zero-initialised gates carry signal); decays kept."""
+    return {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) if "time_decay" != k.rsplit(".", 1)[-1] else v
+            for k, v in init_canonical(spec, seed=0).items()}
 
 
 def rel(a, b) -> float:
@@ -61,8 +75,7 @@ def make_case(case_dir: Path) -> None:
     rng = np.random.default_rng(1234)
     for name in FORWARD_SPECS:
         spec = spec_of(name)
-        state = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) if "time_decay" != k.rsplit(".", 1)[-1] else v
-                 for k, v in init_canonical(spec, seed=0).items()}
+        state = perturbed_state(spec, rng)
         s = spec.input_size
         np.savez(case_dir / f"{name}.npz", spec=spec.to_json(), **{f"w/{k}": v for k, v in state.items()},
                  x=rng.standard_normal((BATCH, spec.in_channels, s, s)).astype(np.float32),
@@ -75,9 +88,15 @@ def make_case(case_dir: Path) -> None:
              y=rng.integers(0, spec.num_classes, (STEPS, BATCH)).astype(np.int64),
              t=np.concatenate([[[0, 1, 400, 999]], rng.integers(0, 1000, (STEPS - 1, BATCH))]).astype(np.int64),
              noise=rng.standard_normal((STEPS, BATCH, spec.in_channels, s, s)).astype(np.float32),
-             drop=(rng.random((STEPS, BATCH)) < 0.3).astype(np.int32),
-             sample_noise=rng.standard_normal((BATCH, spec.in_channels, s, s)).astype(np.float32),
+             drop=rng.random((STEPS, BATCH)) < 0.3,
              sample_y=np.array([0, 1, 2, 3])[:BATCH].astype(np.int64))
+    spec = spec_of("flow")
+    s = spec.input_size
+    np.savez(case_dir / "flow.npz", spec=spec.to_json(), **{f"w/{k}": v for k, v in perturbed_state(spec, rng).items()},
+             x=rng.standard_normal((BATCH, spec.in_channels, s, s)).astype(np.float32),
+             t=np.array([0.0, 0.13, 0.5, 0.97])[:BATCH],
+             y=np.array([1, 3, 10, 7])[:BATCH].astype(np.int64),
+             noise=rng.standard_normal((BATCH, spec.in_channels, s, s)).astype(np.float32))
 
 
 def load_case(path):
@@ -92,9 +111,13 @@ def run_torch(case_dir: Path) -> None:
     import torch
 
     from backends.torch import train as torch_train
-    from backends.torch.diffusion import DDPMObjective, Sampler, guided_model
+    from backends.torch.diffusion import DDPMObjective, DDPMSampler
+    from backends.torch.flow import FlowObjective, FlowSampler
     from backends.torch.models import DiR
-    from common.diffusion import make_schedule
+    from backends.torch.objectives import guided_model
+    from common.conditions import drop_conditions, null_condition
+    from common.objectives import training_inputs
+    from common.recipe import recipe_from_config
     from common.spec import DiRSpec
     from common.training import learning_rate
 
@@ -111,21 +134,17 @@ def run_torch(case_dir: Path) -> None:
     data, state = load_case(case_dir / f"{TRAIN_SPEC}.npz")
     spec = DiRSpec.from_json(str(data["spec"]))
     train = np.load(case_dir / "train.npz")
-    draws = {"t": None, "noise": None}
-    torch.randint = lambda *a, **k: draws["t"]  # the objective's draws, fed from the case
-    torch.randn_like = lambda x, **k: draws["noise"]
+    recipe = recipe_from_config(DDPM_RECIPE)
+    objective = DDPMObjective(recipe, spec.learn_sigma)
 
-    def dropped(step):
-        y = torch.from_numpy(train["y"][step])
-        return torch.where(torch.from_numpy(train["drop"][step]) == 1, torch.full_like(y, spec.num_classes), y)
+    def cond(step):
+        return torch.from_numpy(drop_conditions(spec, train["y"][step], train["drop"][step]))
 
     model = DiR(spec)
     model.load_canonical(state)
     model.train()
-    model.y_embedder.dropout_prob = 0.0  # labels arrive already dropped
-    objective = DDPMObjective(1000, "linear", spec.learn_sigma)
-    draws.update(t=torch.from_numpy(train["t"][0]), noise=torch.from_numpy(train["noise"][0]))
-    losses = objective.training_losses(model, torch.from_numpy(train["x"][0]), dropped(0))
+    losses = objective.training_losses(model, torch.from_numpy(train["x"][0]), cond(0), t=train["t"][0],
+                                       noise=torch.from_numpy(train["noise"][0]))
     loss = losses["loss"].mean()
     loss.backward()
     out["loss"] = np.array([loss.item(), losses["mse"].mean().item(), losses["vb"].mean().item()])
@@ -135,16 +154,17 @@ def run_torch(case_dir: Path) -> None:
     model = DiR(spec)
     model.load_canonical(state)
     model.train()
-    model.y_embedder.dropout_prob = 0.0
     optimizer = torch_train.build_optimizer(model, TRAIN_CONFIG)
     norms = []
     for step in range(STEPS):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, TRAIN_CONFIG)
-        draws.update(t=torch.from_numpy(train["t"][step]), noise=torch.from_numpy(train["noise"][step]))
+        inputs = {k: torch.from_numpy(v) for k, v in training_inputs(recipe, train["t"][step]).items()}
         values = torch_train.train_step(model, objective, optimizer,
-                                        [(torch.from_numpy(train["x"][step]), dropped(step), torch.zeros(BATCH))],
+                                        [(torch.from_numpy(train["x"][step]), cond(step), inputs,
+                                          torch.from_numpy(train["noise"][step]), 0)],
                                         TRAIN_CONFIG, torch.device("cpu"))
+        optimizer.step()
         norms.append(values["grad_norm"])
     out["grad_norms"] = np.array(norms)
     for pname, value in model.canonical_state().items():
@@ -153,13 +173,30 @@ def run_torch(case_dir: Path) -> None:
     model = DiR(spec)
     model.load_canonical(state)
     model.eval()
-    sampler = Sampler(make_schedule(1000, "linear", spec.learn_sigma), "ddim", DDIM_STEPS, eta=0.0)
-    fn = guided_model(model, torch.from_numpy(train["sample_y"]), CFG, spec.num_classes)
-    x = torch.from_numpy(train["sample_noise"])
-    with torch.no_grad():
-        for i in range(sampler.num_steps - 1, -1, -1):
-            x = sampler.step(fn, x, i, None)
-    out["ddim"] = x.numpy()
+    y = torch.from_numpy(train["sample_y"])
+    fn = guided_model(model, y, torch.from_numpy(null_condition(spec, BATCH)), CFG, spec.in_channels)
+    sampler = DDPMSampler(recipe, spec.learn_sigma, "ddim", DDIM_STEPS, eta=0.0)
+    shape = (BATCH, spec.in_channels, spec.input_size, spec.input_size)
+    out["ddim"] = sampler.sample(fn, shape, np.random.default_rng(SAMPLE_SEED)).numpy()
+
+    data, state = load_case(case_dir / "flow.npz")
+    spec = DiRSpec.from_json(str(data["spec"]))
+    recipe = recipe_from_config(FLOW_RECIPE)
+    model = DiR(spec)
+    model.load_canonical(state)
+    model.train()
+    losses = FlowObjective(recipe).training_losses(model, torch.from_numpy(data["x"]), torch.from_numpy(data["y"]),
+                                                   t=data["t"], noise=torch.from_numpy(data["noise"]))
+    loss = losses["loss"].mean()
+    loss.backward()
+    out["flow_loss"] = np.array([loss.item(), losses["mse"].mean().item()])
+    for pname, param in model.named_parameters():
+        out[f"flow_grad/{pname}"] = param.grad.numpy().copy()
+    model.eval()
+    fn = guided_model(model, y, torch.from_numpy(null_condition(spec, BATCH)), CFG, spec.in_channels)
+    for kind, steps in FLOW_SAMPLERS.items():
+        sampler = FlowSampler(recipe, kind, steps)
+        out[f"flow_{kind}"] = sampler.sample(fn, shape, np.random.default_rng(SAMPLE_SEED)).numpy()
     np.savez(case_dir / "out_torch.npz", **out)
 
 
@@ -172,11 +209,15 @@ def run_mindspore(case_dir: Path, mode: str) -> None:
     from mindspore import Tensor
 
     from backends.mindspore import train as ms_train
-    from backends.mindspore.diffusion import DDPMObjective, Sampler, guided_model
+    from backends.mindspore.diffusion import DDPMObjective, DDPMSampler
+    from backends.mindspore.flow import FlowObjective, FlowSampler
     from backends.mindspore.models import DiR, set_execution_mode
-    from common.diffusion import make_schedule
+    from backends.mindspore.objectives import guided_model
+    from common.conditions import drop_conditions, null_condition
+    from common.objectives import training_inputs
     from common.param_mapping import framework_name
     from common.params import parameter_table
+    from common.recipe import recipe_from_config
     from common.spec import DiRSpec
     from common.training import learning_rate
 
@@ -194,23 +235,28 @@ def run_mindspore(case_dir: Path, mode: str) -> None:
     data, state = load_case(case_dir / f"{TRAIN_SPEC}.npz")
     spec = DiRSpec.from_json(str(data["spec"]))
     train = np.load(case_dir / "train.npz")
+    recipe = recipe_from_config(DDPM_RECIPE)
     to_canonical = {framework_name("mindspore", info.name, info.kind): info.name for info in parameter_table(spec)}
+
+    def micro_batch(step):
+        inputs = {k: Tensor(v) for k, v in training_inputs(recipe, train["t"][step]).items()}
+        return (Tensor(train["x"][step]), Tensor(drop_conditions(spec, train["y"][step], train["drop"][step])),
+                inputs, Tensor(train["noise"][step]), 0)
 
     start = time.perf_counter()
     model = DiR(spec)
     model.load_canonical(state)
     model.set_train(True)
-    objective = DDPMObjective(1000, "linear", spec.learn_sigma)
+    objective = DDPMObjective(recipe, spec.learn_sigma)
     optimizer = ms_train.build_optimizer(model, TRAIN_CONFIG)
     forward_backward = ms_train.ForwardBackward(model, objective, optimizer.parameters, 1)
-    apply_gradients = ms_train.ApplyGradients(optimizer, TRAIN_CONFIG["grad_clip"], 1)
+    reduce_gradients = ms_train.ReduceGradients(1)
+    apply_gradients = ms_train.ApplyGradients(optimizer, TRAIN_CONFIG["grad_clip"])
 
-    def inputs(step):
-        return (Tensor(train["x"][step]), Tensor(train["y"][step]), Tensor(train["t"][step]),
-                Tensor(train["noise"][step]), Tensor(train["drop"][step]))
-
-    loss, mse, vb, grads = forward_backward(*inputs(0))
-    out["loss"] = np.array([float(loss.asnumpy()), float(mse.asnumpy()), float(vb.asnumpy())])
+    x, cond, inputs, noise, _ = micro_batch(0)
+    loss, names, means, grads = forward_backward(x, cond, ms.mutable(inputs), noise)
+    terms = dict(zip(names, (float(v.asnumpy()) for v in means)))
+    out["loss"] = np.array([float(loss.asnumpy()), terms["mse"], terms["vb"]])
     for param, grad in zip(optimizer.parameters, grads):
         out[f"grad/{to_canonical[param.name]}"] = grad.asnumpy()
     timing["grad_s"] = time.perf_counter() - start
@@ -219,9 +265,9 @@ def run_mindspore(case_dir: Path, mode: str) -> None:
     norms = []
     for step in range(STEPS):
         ms_train.set_learning_rate(optimizer, learning_rate(step, TRAIN_CONFIG))
-        batch = (train["x"][step], train["y"][step], np.zeros(BATCH))
-        draws = (train["t"][step], train["noise"][step], train["drop"][step])
-        norms.append(ms_train.train_step(forward_backward, apply_gradients, [batch], [draws])["grad_norm"])
+        values, (grads, norm) = ms_train.train_step(forward_backward, reduce_gradients, [micro_batch(step)])
+        apply_gradients(ms.mutable(grads), norm)
+        norms.append(values["grad_norm"])
     out["grad_norms"] = np.array(norms)
     for pname, value in model.canonical_state().items():
         out[f"trained/{pname}"] = value
@@ -231,13 +277,40 @@ def run_mindspore(case_dir: Path, mode: str) -> None:
     model = DiR(spec)
     model.load_canonical(state)
     model.set_train(False)
-    sampler = Sampler(make_schedule(1000, "linear", spec.learn_sigma), "ddim", DDIM_STEPS, eta=0.0)
-    fn = guided_model(model, Tensor(train["sample_y"]), CFG, spec.num_classes)
-    out["ddim"] = sampler.sample(fn, train["sample_noise"].shape, noise=Tensor(train["sample_noise"])).asnumpy()
+    y = Tensor(train["sample_y"])
+    fn = guided_model(model, y, Tensor(null_condition(spec, BATCH)), CFG, spec.in_channels)
+    sampler = DDPMSampler(recipe, spec.learn_sigma, "ddim", DDIM_STEPS, eta=0.0)
+    shape = (BATCH, spec.in_channels, spec.input_size, spec.input_size)
+    out["ddim"] = sampler.sample(fn, shape, np.random.default_rng(SAMPLE_SEED)).asnumpy()
     timing["ddim_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    data, state = load_case(case_dir / "flow.npz")
+    spec = DiRSpec.from_json(str(data["spec"]))
+    recipe = recipe_from_config(FLOW_RECIPE)
+    to_canonical = {framework_name("mindspore", info.name, info.kind): info.name for info in parameter_table(spec)}
+    model = DiR(spec)
+    model.load_canonical(state)
+    model.set_train(True)
+    weights = model.trainable_params()
+    forward_backward = ms_train.ForwardBackward(model, FlowObjective(recipe), weights, 1)
+    inputs = {k: Tensor(v) for k, v in training_inputs(recipe, data["t"]).items()}
+    loss, names, means, grads = forward_backward(Tensor(data["x"]), Tensor(data["y"]), ms.mutable(inputs),
+                                                 Tensor(data["noise"]))
+    terms = dict(zip(names, (float(v.asnumpy()) for v in means)))
+    out["flow_loss"] = np.array([float(loss.asnumpy()), terms["mse"]])
+    for param, grad in zip(weights, grads):
+        out[f"flow_grad/{to_canonical[param.name]}"] = grad.asnumpy()
+    timing["flow_grad_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.set_train(False)
+    fn = guided_model(model, y, Tensor(null_condition(spec, BATCH)), CFG, spec.in_channels)
+    for kind, steps in FLOW_SAMPLERS.items():
+        sampler = FlowSampler(recipe, kind, steps)
+        out[f"flow_{kind}"] = sampler.sample(fn, shape, np.random.default_rng(SAMPLE_SEED)).asnumpy()
+    timing["flow_sample_s"] = time.perf_counter() - start
     out["timing"] = np.array(json.dumps(timing))
     np.savez(case_dir / f"out_mindspore_{mode}.npz", **out)
-    del ms
 
 
 # ---- comparison -------------------------------------------------------------------------------------
@@ -246,10 +319,9 @@ def compare(case_dir: Path, mode: str) -> dict:
     ref = np.load(case_dir / "out_torch.npz")
     got = np.load(case_dir / f"out_mindspore_{mode}.npz")
     grads = [k for k in ref.files if k.startswith("grad/")]
+    flow_grads = [k for k in ref.files if k.startswith("flow_grad/")]
     trained = [k for k in ref.files if k.startswith("trained/")]
-    spec = spec_of(TRAIN_SPEC)
-    init = {k: v for k, v in load_case(case_dir / f"{TRAIN_SPEC}.npz")[1].items()}
-    del spec
+    init = load_case(case_dir / f"{TRAIN_SPEC}.npz")[1]
     return {
         "forward": {k.split("/", 1)[1]: rel(got[k], ref[k]) for k in ref.files if k.startswith("forward/")},
         "loss": rel(got["loss"], ref["loss"]),
@@ -261,6 +333,10 @@ def compare(case_dir: Path, mode: str) -> dict:
         "adamw_update_all": rel(np.concatenate([(got[k] - init[k.split("/", 1)[1]]).ravel() for k in trained]),
                                 np.concatenate([(ref[k] - init[k.split("/", 1)[1]]).ravel() for k in trained])),
         "ddim": rel(got["ddim"], ref["ddim"]),
+        "flow_loss": rel(got["flow_loss"], ref["flow_loss"]),
+        "flow_grads_max": max(rel(got[k], ref[k]) for k in flow_grads),
+        "flow_grads_worst": max(flow_grads, key=lambda k: rel(got[k], ref[k])),
+        **{f"flow_{kind}": rel(got[f"flow_{kind}"], ref[f"flow_{kind}"]) for kind in FLOW_SAMPLERS},
         "timing": json.loads(str(got["timing"])),
     }
 
@@ -308,6 +384,14 @@ if __name__ != "__main__":
 
     def test_ddim_cfg(report):
         assert report["ddim"] <= THRESHOLDS["ddim"]
+
+    def test_flow_loss_and_gradients(report):
+        assert report["flow_loss"] <= THRESHOLDS["flow_loss"]
+        assert report["flow_grads_max"] <= THRESHOLDS["flow_grads"], report["flow_grads_worst"]
+
+    @pytest.mark.parametrize("kind", FLOW_SAMPLERS)
+    def test_flow_samples_with_cfg(report, kind):
+        assert report[f"flow_{kind}"] <= THRESHOLDS["flow_sample"]
 
 
 if __name__ == "__main__":

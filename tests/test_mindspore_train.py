@@ -1,8 +1,8 @@
-"""MindSpore training and sampling: run folder, .ckpt layout, exact resume, sample CLI, and
-2-worker data parallel through msrun (ranks end with identical weights).
+"""MindSpore training and sampling: run folder, .ckpt layout, exact resume, sample CLI, flow
+matching end to end, and 2-worker data parallel through msrun (ranks end with identical weights).
 
 Every MindSpore run is its own process (``python -m backends.mindspore.train ...``, or this
-file as the msrun worker script), tiny sizes, PyNative mode.
+file as the msrun worker script), tiny sizes; DDPM in PyNative mode, flow matching in Graph mode.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 TINY = ["--dataset", "digits", "--image_size", "8", "--hidden_size", "64", "--depth", "2", "--global_batch_size", "8",
         "--lr", "1e-3", "--warmup_steps", "2", "--lr_schedule", "constant", "--ema_decay", "0.9", "--log_every", "1",
         "--ckpt_every", "1", "--sample_every", "-1", "--seed", "7", "--mix_lora_rank", "8", "--decay_lora_rank", "16"]
+FLOW = ["--objective", "flow", "--flow_path", "gvp", "--flow_time_sampling", "logit_normal", "--mindspore_mode", "graph"]
 
 
 def worker(run_dir: str, *extra: str) -> None:
@@ -38,18 +39,25 @@ if __name__ != "__main__":
     import pytest
 
     pytest.importorskip("mindspore")
+    from common.formats import read_checkpoint as read_weights
+    from common.training import read_metrics
     from tests.conftest import REPO_ROOT, run_python
 
     def ms_train(run_dir, *extra):
         return run_python(["-m", "backends.mindspore.train", *TINY, "--run_dir", str(run_dir), *extra],
-                          env_extra={"OMP_NUM_THREADS": "2"}, cwd=run_dir.parent)
+                          env_extra={"OMP_NUM_THREADS": "2"}, cwd=run_dir.parent)  # Graph mode may write rank_0/
 
     def read(path):
-        code = ("import json,sys; from backends.mindspore.train import read_checkpoint; c=read_checkpoint(sys.argv[1]);"
+        code = ("import json,sys; from backends.mindspore.train import TrainAdapter;"
+                "c=TrainAdapter().read_checkpoint(sys.argv[1]);"
                 "print(json.dumps({'step': c['step'], 'spec': c['spec'], 'config_seed': c['config']['seed'],"
-                "'model': sorted(c['model']), 'ema': sorted(c['ema']), 'optimizer': sorted(c['optimizer'])}))")
+                "'recipe': c['recipe'], 'rng': c['rng'], 'model': sorted(c['model']), 'ema': sorted(c['ema']),"
+                "'optimizer': sorted(c['optimizer'])}))")
         out = run_python(["-c", code, str(path)]).stdout
         return json.loads(out.strip().splitlines()[-1])
+
+    def losses(run_dir):
+        return {row["step"]: row["loss"] for row in read_metrics(run_dir / "log.jsonl")}
 
     @pytest.fixture(scope="module")
     def runs(tmp_path_factory):
@@ -67,6 +75,8 @@ if __name__ != "__main__":
             assert (full / name).is_file(), name
         checkpoint = read(full / "checkpoints/0000002.ckpt")
         assert checkpoint["step"] == 2 and checkpoint["spec"]["hidden_size"] == 64 and checkpoint["config_seed"] == 7
+        assert checkpoint["recipe"]["objective"] == "ddpm" and checkpoint["recipe"]["diffusion_steps"] == 1000
+        assert checkpoint["rng"]["kind"] == "per-step" and checkpoint["rng"]["seed"] == 7
         assert "blocks.0.att.key.weight" in checkpoint["model"]
         assert "y_embedder.embedding_table.embedding_table" in checkpoint["model"]
         assert "blocks.0.att.ln_x.gamma" in checkpoint["model"]
@@ -76,9 +86,7 @@ if __name__ != "__main__":
 
     def test_resume_is_exact(runs):
         full, part = runs
-        rows = lambda d: {json.loads(line)["step"]: json.loads(line)["loss"]  # noqa: E731
-                          for line in (d / "log.jsonl").read_text().splitlines() if '"loss"' in line}
-        a, b = rows(full), rows(part)
+        a, b = losses(full), losses(part)
         assert sorted(a) == sorted(b) == [1, 2]
         for step in a:
             assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
@@ -95,10 +103,52 @@ if __name__ != "__main__":
         assert (out / "grid.png").is_file()
 
     def test_cli_errors(tmp_path):
-        with pytest.raises(AssertionError, match="unknown key '--max_step'"):
+        with pytest.raises(AssertionError, match=r"failed \(2\)(.|\n)*error: command line: unknown key '--max_step'"):
             run_python(["-m", "backends.mindspore.train", "--max_step", "3"], cwd=tmp_path)
-        with pytest.raises(AssertionError, match="--mode 'eager' is not allowed"):
-            run_python(["-m", "backends.mindspore.train", "--mode", "eager"], cwd=tmp_path)
+        with pytest.raises(AssertionError, match="key 'mindspore_mode' = 'eager' is not allowed; allowed: pynative, graph"):
+            run_python(["-m", "backends.mindspore.train", "--mindspore_mode", "eager"], cwd=tmp_path)
+
+    @pytest.fixture(scope="module")
+    def flow_runs(tmp_path_factory):
+        """A Graph-mode flow run of 2 steps, and a second run resumed from its step-1 checkpoint."""
+        root = tmp_path_factory.mktemp("ms_flow")
+        full, resumed = root / "full", root / "resumed"
+        full.mkdir(), resumed.mkdir()
+        ms_train(full, *FLOW, "--max_steps", "2")
+        ms_train(resumed, *FLOW, "--max_steps", "2", "--resume", str(full / "checkpoints/0000001.ckpt"))
+        return full, resumed
+
+    def test_flow_run_writes_its_recipe_and_resumes_exactly(flow_runs):
+        full, resumed = flow_runs
+        checkpoint = read(full / "checkpoints/0000002.ckpt")
+        assert checkpoint["recipe"]["objective"] == "flow" and checkpoint["recipe"]["flow_path"] == "gvp"
+        assert checkpoint["recipe"]["flow_time_sampling"] == "logit_normal" and "diffusion_steps" not in checkpoint["recipe"]
+        assert checkpoint["spec"]["learn_sigma"] is False
+        a, b = losses(full), losses(resumed)
+        assert sorted(a) == [1, 2] and sorted(b) == [2]
+        assert abs(a[2] - b[2]) <= 1e-6 * abs(a[2]), (a[2], b[2])
+        for weights in ("model", "ema"):
+            x = read_weights(full / "checkpoints/0000002.ckpt", weights=weights)[0]
+            y = read_weights(resumed / "checkpoints/0000002.ckpt", weights=weights)[0]
+            worst = max(float(np.abs(x[k] - y[k]).max() / (np.abs(x[k]).max() + 1e-30)) for k in x)
+            assert worst <= 1e-6, (weights, worst)
+
+    def test_flow_run_samples_in_graph_mode(flow_runs, tmp_path):
+        full, _ = flow_runs
+        out = tmp_path / "samples"
+        run_python(["-m", "backends.mindspore.sample", "--ckpt", str(full), "--num_per_class", "1", "--sampler", "heun",
+                    "--num_sampling_steps", "3", "--cfg_scale", "2.0", "--classes", "[2, 5]", "--out_dir", str(out),
+                    "--save_images", "false", "--mindspore_mode", "graph"], env_extra={"OMP_NUM_THREADS": "2"},
+                   cwd=tmp_path)
+        info = json.loads((out / "info.json").read_text())
+        assert info["recipe"]["objective"] == "flow" and info["mindspore_mode"] == "graph"
+        assert info["sampler"] == {"sampler": "heun", "cfg_scale": 2.0, "num_steps": 3, "nfe": 5}
+        with np.load(out / "samples.npz") as data:
+            assert data["arr_0"].shape == (2, 8, 8, 1) and list(data["arr_1"]) == [2, 5]
+        with pytest.raises(AssertionError, match="'dopri5' .* exists in the PyTorch backend only; with mindspore use "
+                                                 "euler, heun or sde"):
+            run_python(["-m", "backends.mindspore.sample", "--ckpt", str(full), "--sampler", "dopri5",
+                        "--out_dir", str(tmp_path / "none")], cwd=tmp_path)
 
     @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
     def test_msrun_two_workers_hold_identical_weights(tmp_path):
@@ -114,13 +164,11 @@ if __name__ != "__main__":
         logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
         a, b = np.load(run_dir / "rank0_weights.npz"), np.load(run_dir / "rank1_weights.npz")
-        init = __import__("common.params", fromlist=["init_canonical"])
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         assert "world_size=2" in (run_dir / "log.jsonl").read_text()
         assert (run_dir / "checkpoints/0000002.ckpt").is_file()
-        del init
 
 
 if __name__ == "__main__":

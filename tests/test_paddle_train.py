@@ -3,7 +3,6 @@ checkpoints that load without running code and carry the recipe, an exact resume
 flow matching), the sample CLI, and 2-process CPU data parallel through paddle.distributed.launch."""
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest

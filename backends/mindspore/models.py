@@ -66,7 +66,8 @@ def set_execution_mode(mode: str, device: str = "auto") -> str:
                 continue
     else:
         target = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU", "cuda": "GPU"}[device]
-    ms.set_device(target)
+    if ms.get_context("device_target") != target:  # after the first kernel set_device raises, even to the same target
+        ms.set_device(target)
     return target
 
 

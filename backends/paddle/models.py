@@ -218,7 +218,7 @@ class DiR(nn.Layer):
         # Plain Python values for forward: paddle.jit.to_static (SOT) cannot trace the spec's methods.
         self.num_in_blocks = spec.num_in_blocks
         self.out_blocks = [spec.is_out_block(i) for i in range(spec.num_blocks)]
-        self.in_channels, self.out_channels = spec.in_channels, spec.out_channels
+        self.out_channels = spec.out_channels
         self.patch_size, self.grid_size = spec.patch_size, spec.grid_size
 
     @classmethod

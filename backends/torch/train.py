@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import os
 import sys
 
@@ -30,6 +31,7 @@ from common.cli import run_cli
 from common.conditions import drop_conditions
 from common.config import TRAIN_SCHEMA, ConfigError, parse_cli
 from common.trainer import TrainBackend, run_training
+from common.training import process_group_failure
 
 EXTENSION = "pt"
 
@@ -80,6 +82,15 @@ def train_step(model, objective, optimizer, micro_batches, config: dict, device)
     return totals
 
 
+def is_collective_failure(err: BaseException) -> bool:
+    """A gloo / NCCL error of a collective (a dead or hung peer), not a bug in the step."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in ("gloo", "NCCL", "Connection reset",
+                                                                          "Connection closed", "Timed out"))
+
+
 class TrainAdapter(TrainBackend):
     """The PyTorch side of ``common.trainer.run_training``."""
 
@@ -100,8 +111,9 @@ class TrainAdapter(TrainBackend):
         else:
             self.torch_device = torch.device("cpu")
         self.device = str(self.torch_device)
-        if self.world_size > 1:
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if self.world_size > 1:  # a dead peer fails the others' collectives after the timeout instead of hanging
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(seconds=config["collective_timeout"]))
 
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
@@ -138,7 +150,21 @@ class TrainAdapter(TrainBackend):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    @contextlib.contextmanager
+    def collectives(self):
+        """Turn a failed collective into a one-line stop that says what to resume from."""
+        try:
+            yield
+        except RuntimeError as err:
+            if self.world_size > 1 and is_collective_failure(err):
+                raise process_group_failure(self.rank, self.config["run_dir"], EXTENSION, err) from None
+            raise
+
     def train_step(self, micro_batches, draws) -> dict[str, float]:
+        with self.collectives():
+            return self._train_step(micro_batches, draws)
+
+    def _train_step(self, micro_batches, draws) -> dict[str, float]:
         device = self.torch_device
         prepared = []
         for (x, y, skipped), d in zip(micro_batches, draws):
@@ -168,7 +194,8 @@ class TrainAdapter(TrainBackend):
             with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
         if self.world_size > 1:
-            dist.barrier()
+            with self.collectives():
+                dist.barrier()
 
     def sample_grid(self, labels: np.ndarray, settings, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
@@ -184,7 +211,8 @@ class TrainAdapter(TrainBackend):
         if self.world_size == 1:
             return values
         tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.torch_device)
-        dist.all_reduce(tensor)
+        with self.collectives():
+            dist.all_reduce(tensor)
         return dict(zip(values, tensor.tolist()))
 
     def finish(self) -> None:

@@ -65,10 +65,13 @@ def _spans(data: bytes, contents, weights: str = "ema") -> dict[str, list[tuple[
     spans: dict[str, list[tuple[int, int]]] = {}
     for fw_name, value in stored.items():
         raw = np.ascontiguousarray(value.array).tobytes()
-        found, start = [], data.find(raw)
-        while start >= 0:
-            found.append((start, start + len(raw)))
-            start = data.find(raw, start + 1)
+        found = []
+        # protocol-2 pickles hold bytes as the UTF-8 of their latin-1 text (_codecs.encode)
+        for pattern in {raw, raw.decode("latin1").encode("utf-8")}:
+            start = data.find(pattern)
+            while start >= 0:
+                found.append((start, start + len(pattern)))
+                start = data.find(pattern, start + 1)
         spans[to_canonical[fw_name]] = found
     return spans
 
@@ -211,7 +214,6 @@ def image_variants() -> list[Variant]:
     saved("png_palette", "png", Image.fromarray(rgb).quantize(16), format="PNG")
     saved("png_rgba", "png", Image.fromarray(np.dstack([rgb, gray])), format="PNG")
     saved("png_gray16", "png", Image.fromarray(gray.astype(np.uint16) * 257), format="PNG")
-    saved("png_interlaced", "png", Image.fromarray(rgb), format="PNG", optimize=False)
     saved("jpeg", "jpg", Image.fromarray(rgb), format="JPEG", quality=90)
     saved("jpeg_progressive", "jpeg", Image.fromarray(rgb), format="JPEG", quality=75, progressive=True)
     saved("jpeg_gray", "jpg", Image.fromarray(gray), format="JPEG")
