@@ -131,8 +131,9 @@ TRAIN_OPTIONS = [
     Option("on_nonfinite", "str", "stop", "a non-finite loss or gradient norm: stop (the run ends, naming the step "
            "and term) | skip (drop that update and count it)", ("stop", "skip")),
     Option("max_nonfinite_skips", "int", 10, "with on_nonfinite: skip, stop after this many skipped updates"),
-    Option("collective_timeout", "int", 600, "seconds a process waits in a collective (all-reduce, barrier) before "
-           "giving up, so a dead rank stops the others instead of hanging them"),
+    Option("collective_timeout", "int", 600, "PyTorch: seconds a process waits in a collective (all-reduce, "
+           "barrier) before giving up, so a dead or hung rank stops the others instead of hanging them (Paddle's "
+           "and MindSpore's launchers stop the other workers when one dies)"),
     Option("sample_every", "int", 0, "steps between sample grids written to run_dir/samples (0 = only at the end, -1 = never)"),
     Option("sample_sampler", "str", None, "sampler for the training grids (null = ddim for ddpm, euler for flow)",
            GRID_SAMPLERS, nullable=True),

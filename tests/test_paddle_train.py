@@ -129,6 +129,11 @@ def test_bad_checkpoint_is_refused_with_a_clear_error(tmp_path):
         run_python(["-m", "backends.paddle.sample", "-c", "configs/sample/digits.yaml", "--ckpt", str(path)])
 
 
+def test_bf16_is_refused_on_cpu_with_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match=r"failed \(2\)[\s\S]*error: key 'precision' = 'bf16' needs a GPU or XPU"):
+        train(tmp_path, "--precision", "bf16", steps=1)
+
+
 DDP_WORKER = r'''
 import sys
 import numpy as np
@@ -166,3 +171,50 @@ def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
     init = init_canonical(spec, 0)
     trained = from_framework("paddle", dict(rank0), spec)
     assert any(not np.array_equal(trained[name], init[name]) for name in init)  # it trained
+
+
+DYING_WORKER = r'''
+import os, signal, sys, threading, time
+from pathlib import Path
+from backends.paddle.train import main
+
+run_dir = Path(sys.argv[sys.argv.index("--run_dir") + 1])
+die_after = os.environ.get("DIE_AFTER_CHECKPOINT")
+if die_after and os.environ.get("PADDLE_TRAINER_ID") == "1":  # rank 1 is killed once that checkpoint is complete
+    def killer():
+        while not (run_dir / "checkpoints" / die_after).exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=killer, daemon=True).start()
+main(sys.argv[1:])
+'''
+
+
+def test_a_dead_rank_stops_the_launch_and_the_run_resumes(tmp_path):
+    """paddle.distributed.launch watches its workers: when one dies it terminates the others and fails."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    worker = tmp_path / "dying.py"
+    worker.write_text(DYING_WORKER)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "logs"), str(worker), *TINY, "--run_dir", str(run_dir), "--max_steps", "30",
+           "--sample_every", "-1", "--resume", "auto"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", DIE_AFTER_CHECKPOINT="0000004.pdparams")
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.monotonic() - start < 200, proc.stdout[-2000:] + proc.stderr[-2000:]
+    steps = sorted(int(p.stem) for p in (run_dir / "checkpoints").glob("*.pdparams"))
+    assert 4 in steps and max(steps) < 30
+    assert load_pdparams(run_dir / "checkpoints" / f"{max(steps):07d}.pdparams")["step"] == max(steps)
+    env.pop("DIE_AFTER_CHECKPOINT")
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    starts = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if '"event": "start"' in line]
+    assert starts[-1]["resumed_from"].endswith(f"{max(steps):07d}.pdparams")
+    assert load_pdparams(run_dir / "checkpoints" / "0000030.pdparams")["step"] == 30

@@ -46,6 +46,9 @@ class SampleAdapter(SampleBackend):
 
     def setup(self, config: dict) -> str:
         self.device = pick_device(config["device"])
+        if config.get("precision") == "bf16" and self.device == "cpu":
+            raise ConfigError("key 'precision' = 'bf16' needs a GPU or XPU with Paddle (its CPU build has no bf16 "
+                              "kernels); use fp32")
         self.static = config["paddle_to_static"]
         return self.device
 
