@@ -12,6 +12,7 @@ here so every backend parses exactly the same options.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,22 +251,107 @@ def check_mapping(values: dict, schema: dict[str, Option], source: str) -> dict:
     return checked
 
 
+class _DuplicateKey(Exception):
+    """Raised by :class:`_ConfigLoader` for a key that appears twice in one mapping."""
+
+
+class _MergeKey(Exception):
+    """Raised by :class:`_ConfigLoader` for a YAML merge key ('<<')."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a mapping that repeats a key is refused instead of keeping the last value,
+    and merge keys ('<<'), which only make sense for the nested mappings a flat config never holds and
+    which PyYAML expands by copying (so nested merges of aliases grow exponentially), are refused too."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise _MergeKey(key_node.start_mark.line + 1)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # a complex key: the constructor below refuses it (unhashable)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_MAX_CONFIG_INT_BITS = 63  # an int64; str() of a bigger one may not even be printable (4300-digit limit)
+
+
+def _preview(value, limit: int = 80) -> str:
+    """A short repr for an error message (a huge int is described, not printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_flat_value(path: Path, key: str, value: Any) -> None:
+    """A value a flat config can hold: a scalar (finite, at most 64-bit) or a list of such scalars."""
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    for item in items:
+        if isinstance(item, dict):
+            what = "a nested mapping" if item is value else "a list holding a mapping"
+            raise ConfigError(f"{path}: key '{key}' holds {what}; configs are flat (one 'key: value' per line)")
+        if isinstance(item, (list, tuple, set, frozenset)):
+            raise ConfigError(f"{path}: key '{key}' holds a nested list; configs are flat (a value is a scalar "
+                              "or a list of scalars)")
+        if isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > _MAX_CONFIG_INT_BITS:
+            raise ConfigError(f"{path}: key '{key}' holds {_preview(item)}; configs take 64-bit integers")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{path}: key '{key}' = {item!r} is not a finite number")
+
+
 def load_yaml_file(path: str | Path, schema: dict[str, Option]) -> dict:
-    """Read one flat YAML config file and check it against ``schema``."""
+    """Read one flat YAML config file and check it against ``schema``.
+
+    Beyond the schema: a key given twice is an error (PyYAML would keep the last value),
+    as are merge keys, values nested in lists, integers beyond 64 bits and non-finite
+    floats; a document nested too deeply to parse is refused, not a crash.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
+    data = path.read_bytes()  # PyYAML decodes (UTF-8, or UTF-16 with a BOM) and reports bad bytes itself
+    loader = None
     try:
-        values = yaml.safe_load(path.read_text())
+        loader = _ConfigLoader(data)  # reads the first bytes already: a ReaderError can come from here
+        values = loader.get_single_data()
+    except _DuplicateKey as err:
+        key, first, again = err.args
+        name = (key if len(key) <= 80 else key[:77] + "...") if isinstance(key, str) else _preview(key)
+        raise ConfigError(f"{path}: duplicate key '{name}' (line {first} and line {again}); give each key "
+                          "once") from None
+    except _MergeKey as err:
+        raise ConfigError(f"{path}: line {err.args[0]}: merge keys ('<<') are not supported; configs are flat "
+                          "(one 'key: value' per line)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply; configs are flat)") from None
+    except (ValueError, TypeError, KeyError, OverflowError) as err:  # PyYAML's constructors on e.g. '!!int x'
+        raise ConfigError(f"{path}: not valid YAML (a value cannot be read: {type(err).__name__}: "
+                          f"{_preview(str(err), 200)})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a flat mapping of 'key: value' lines, found {_type_name(values)}")
     for key, value in values.items():
-        if isinstance(value, dict):
-            raise ConfigError(f"{path}: key '{key}' holds a nested mapping; configs are flat (one 'key: value' per line)")
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: unknown key {_preview(key)} ({_type_name(key)}); keys are names such as 'lr'")
+        _check_flat_value(path, key, value)
     return check_mapping(values, schema, str(path))
 
 

@@ -23,6 +23,10 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scale (DiT, fast-DiT)
 LATENT_DOWNSAMPLE = 8
 MAX_CONSECUTIVE_BAD = 64  # this many unreadable files in a row means the data set is broken
+# An image declaring more pixels is refused before it is decoded (PIL only warns below 89M and decodes up to
+# 178M: gigabytes from a file of a few KB). 40M pixels (e.g. 7300 x 5470) decode in well under 1 GB.
+MAX_IMAGE_PIXELS = 40_000_000
+_MAX_RESIZED_CROPS = 64  # resizing beyond this many output crops of pixels: resize only the box that is kept
 
 
 class DataError(ValueError):
@@ -37,16 +41,26 @@ class UnreadableItemWarning(UserWarning):
 
 def center_crop_arr(pil_image, image_size: int):
     """ADM's centre crop: halve with BOX while large, resize BICUBIC so the short side is
-    ``image_size``, crop the centre square. Returns an [H, W, 3] uint8 array."""
+    ``image_size``, crop the centre square. Returns an [H, W, 3] uint8 array.
+
+    Beyond an aspect ratio of 64:1 (a 1 x 1,000,000 image would be resized to 16 x 16,000,000
+    only to keep 16 x 16 of it) only the box that becomes the crop is resized. BICUBIC still
+    reads the pixels around the box, so the crop shows the same pixels; values can differ by
+    a few levels where Pillow orders its two 8-bit passes differently for the smaller resize.
+    """
     from PIL import Image
 
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
+    size = tuple(round(x * scale) for x in pil_image.size)
+    top = (size[1] - image_size) // 2
+    left = (size[0] - image_size) // 2
+    if size[0] * size[1] > _MAX_RESIZED_CROPS * image_size * image_size:
+        sx, sy = pil_image.size[0] / size[0], pil_image.size[1] / size[1]
+        box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+        return np.array(pil_image.resize((image_size, image_size), resample=Image.BICUBIC, box=box))
+    arr = np.array(pil_image.resize(size, resample=Image.BICUBIC))
     return arr[top:top + image_size, left:left + image_size]
 
 
@@ -130,7 +144,13 @@ class ImageFolderSource:
         from PIL import Image
 
         path = self.samples[index][0]
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only: the size is known before decoding
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise DataError(f"{path}: the image is {width}x{height} pixels")
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: {width}x{height} = {width * height:,} pixels, more than MAX_IMAGE_PIXELS "
+                                f"({MAX_IMAGE_PIXELS:,}) in common/data.py; not decoding it (a decompression bomb?)")
             return uint8_to_model(center_crop_arr(image.convert("RGB"), self.image_size))
 
     def label(self, index: int) -> int:
@@ -197,20 +217,114 @@ class LatentSource:
         return len(self.samples)
 
     def read(self, index: int) -> np.ndarray:
-        x = np.load(self.samples[index][0]).astype(np.float32)
-        if x.ndim == 4 and x.shape[0] == 1:
-            x = x[0]
+        """The latent [C, h, w] float32 (its header checked before any data is read), and its label checked."""
+        path = self.samples[index][0]
         expected = (self.in_channels, self.latent_size, self.latent_size)
-        if x.shape != expected:
-            raise DataError(f"latent has shape {x.shape}, expected {expected}")
+        with open(path, "rb") as handle:
+            shape, fortran, dtype = read_npy_header(handle, path)
+            if not _plain_number(dtype, "biuf"):
+                raise DataError(f"{path}: latent has dtype {dtype}, expected a float array")
+            squeezed = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+            if squeezed != expected:
+                raise DataError(f"{path}: latent has shape {squeezed}, expected {expected}")
+            x = read_npy_data(handle, shape, fortran, dtype, path)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = x.reshape(expected).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: latent holds NaN or infinite values")
+        label = self.label(index)  # here, so a bad label file is skipped like a bad latent
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise DataError(f"{self.samples[index][1]}: label {label} is outside 0..{self.num_classes - 1}")
         return x
 
     def label(self, index: int) -> int:
-        return int(np.load(self.samples[index][1]).reshape(-1)[0])
+        path = self.samples[index][1]
+        with open(path, "rb") as handle:
+            shape, fortran, dtype = read_npy_header(handle, path)
+            if not _plain_number(dtype, "biuf") or _count(shape) != 1:
+                raise DataError(f"{path}: a label file holds one integer, found {dtype} of shape {shape}")
+            value = read_npy_data(handle, shape, fortran, dtype, path).reshape(-1)[0]
+        if dtype.kind == "f" and not (np.isfinite(value) and float(value).is_integer()):
+            raise DataError(f"{path}: label {value!r} is not an integer")
+        label = int(value)
+        if label < 0:
+            raise DataError(f"{path}: label {label} is negative")
+        return label
 
     def __getitem__(self, key):
         index, _ = key
         return _read_with_skips(self, (index, False))
+
+
+# ---- .npy files, read without trusting their header ----------------------------------------------
+
+_MAX_NPY_DIMS = 32  # numpy's limit
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _plain_number(dtype: np.dtype, kinds: str) -> bool:
+    return dtype.kind in kinds and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject \
+        and dtype.itemsize > 0
+
+
+def read_npy_header(handle, where) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream at ``handle``, read and checked before any data.
+
+    Raises :class:`DataError` naming ``where`` for anything that is not a .npy header numpy
+    would read (numpy's own errors here are ValueError, SyntaxError, tokenize errors...).
+    """
+    import tokenize
+
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(handle)
+        elif version == (3, 0) and hasattr(npy_format, "_read_array_header"):
+            shape, fortran, dtype = npy_format._read_array_header(handle, version)
+        else:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except (ValueError, TypeError, SyntaxError, tokenize.TokenError, RecursionError, MemoryError, OverflowError,
+            EOFError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{where}: not a readable .npy file ({text[:300]})") from None
+    if len(shape) > _MAX_NPY_DIMS or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise DataError(f"{where}: the .npy header declares shape {str(shape)[:200]}")
+    return tuple(shape), bool(fortran), dtype
+
+
+def read_npy_data(handle, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, where, size: int | None = None):
+    """The array a checked header declares, read from ``handle``; its size is checked against the file first.
+
+    ``size``: bytes left in the stream after the header (default: what the file holds after
+    the handle's position). Trailing bytes are ignored, as numpy does.
+    """
+    nbytes = _count(shape) * dtype.itemsize
+    if size is None:
+        size = os.fstat(handle.fileno()).st_size - handle.tell()
+    if nbytes > size:
+        declared = f"{nbytes:,} bytes" if nbytes < 2**63 else "2**63 bytes or more"
+        raise DataError(f"{where}: the .npy header declares {dtype} {str(shape)[:200]} ({declared}) but only "
+                        f"{size:,} bytes follow it (truncated or corrupt)")
+    raw, got = bytearray(nbytes), 0  # a bytearray: the array is writable, as np.load's are
+    view = memoryview(raw)
+    while got < nbytes:
+        n = handle.readinto(view[got:])
+        if not n:
+            raise DataError(f"{where}: {got:,} bytes of array data, expected {nbytes:,} (truncated)")
+        got += n
+    array = np.frombuffer(raw, dtype=dtype, count=_count(shape))
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def build_source(config: dict):

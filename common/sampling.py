@@ -141,26 +141,93 @@ def write_outputs(out_dir: str | Path, images_nhwc: np.ndarray, labels: np.ndarr
     return paths
 
 
+# A compressed member may declare at most this many bytes per compressed byte (deflate's own limit is ~1032):
+# beyond it, a samples file of a few MB would unpack to gigabytes. Small members are always allowed.
+_MAX_EXPANSION = 200
+_ALWAYS_ALLOWED_BYTES = 64 << 20
+
+
+def _npz_member(archive, info, path: Path, check) -> np.ndarray:
+    """One ``.npy`` member of a samples .npz: its header checked (by ``check(shape, dtype)`` too) before its
+    data is read, its declared size against the zip's, its CRC at the end."""
+    from common.data import read_npy_data, read_npy_header
+
+    where = f"{path}: member {info.filename}"
+    with archive.open(info) as handle:
+        shape, fortran, dtype = read_npy_header(handle, where)
+        check(shape, dtype)
+        header_bytes = handle.tell()
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if info.file_size != header_bytes + nbytes:
+            raise ValueError(f"{where}: its header declares {dtype} {str(shape)[:120]} but the member holds "
+                             f"{max(0, info.file_size - header_bytes):,} bytes of data (corrupt)")
+        if info.compress_type != 0 and nbytes > max(_ALWAYS_ALLOWED_BYTES, _MAX_EXPANSION * info.compress_size):
+            raise ValueError(f"{where}: {info.compress_size:,} compressed bytes declare {nbytes:,} bytes of data; "
+                             "refusing to unpack it (a decompression bomb?)")
+        array = read_npy_data(handle, shape, fortran, dtype, where, size=nbytes)
+        if handle.read(1):  # also makes zipfile check the CRC of the whole member
+            raise ValueError(f"{where}: trailing bytes after the array (corrupt)")
+    return array
+
+
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, H, W, C], labels int64 [N]) from a samples.npz, with clear errors."""
+    """(images uint8 [N, H, W, C], labels int64 [N]) from a samples.npz, with clear errors.
+
+    The file is untrusted: every member's .npy header is checked against what a samples
+    file holds and against the member's size in the zip before any data is read, so a
+    damaged or crafted file is a ``ValueError`` naming it, never gigabytes of memory.
+    """
+    import lzma
+    import struct
+    import zipfile
+    import zlib
+
+    from common.data import DataError
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such samples file")
+
+    def images_ok(shape, dtype):
+        if dtype != np.uint8 or len(shape) != 4:
+            raise ValueError(f"{path}: arr_0 is {dtype} of shape {tuple(shape)}, expected uint8 [N, H, W, C]")
+        if 0 in shape:
+            raise ValueError(f"{path}: arr_0 has shape {tuple(shape)}: no samples")
+
+    def labels_ok(shape, dtype):
+        if len(shape) != 1 or dtype.kind not in "biuf" or dtype.fields is not None:
+            raise ValueError(f"{path}: the labels are {dtype} of shape {tuple(shape)}, expected integers [N]")
+
     try:
-        with np.load(path) as data:
-            keys = set(data.files)
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist()]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{path}: the archive holds {twice[0]!r} twice (corrupt or crafted)")
+            keys = {name[:-4] for name in names if name.endswith(".npy")}
             if "arr_0" not in keys:
                 raise ValueError(f"{path}: no 'arr_0' (images) array; found {sorted(keys)}")
-            images = data["arr_0"]
-            labels = data["labels"] if "labels" in keys else data["arr_1"] if "arr_1" in keys else None
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable samples .npz ({err})") from None
+            images = _npz_member(archive, archive.getinfo("arr_0.npy"), path, images_ok)
+            label_key = "labels" if "labels" in keys else "arr_1" if "arr_1" in keys else None
+            labels = None if label_key is None else _npz_member(archive, archive.getinfo(f"{label_key}.npy"), path,
+                                                                labels_ok)
+    except DataError as err:  # a member's .npy header (its message names the file and the member)
+        raise ValueError(str(err)) from None
+    except ValueError as err:  # ours name the file; zipfile's (a negative offset, a name not UTF-8) do not
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable samples .npz ({type(err).__name__}: {str(err)[:300]})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, struct.error, OSError, EOFError,
+            NotImplementedError, RuntimeError, OverflowError, KeyError, IndexError) as err:
+        # zipfile's ways of saying "damaged": a bad CRC, a bad header, an unsupported method, encryption
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: not a readable samples .npz ({type(err).__name__}: {text[:300]})") from None
     if labels is None:
         raise ValueError(f"{path}: no class labels ('labels' or 'arr_1'); conditional samples are needed")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: arr_0 is {images.dtype} of shape {images.shape}, expected uint8 [N, H, W, C]")
     if len(labels) != len(images):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise ValueError(f"{path}: the labels are floats that are not whole numbers")
     return images, labels.astype(np.int64)
 
 

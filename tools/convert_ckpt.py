@@ -238,6 +238,12 @@ def render_inspect(report: dict) -> str:
 
 # ---- entry point -------------------------------------------------------------------------------
 
+def _one_line(err) -> str:
+    """An error's message on one line: a list of problems (one per line) joined with '; '."""
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -248,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                 argv = argv[1:]
             convert(build_convert_parser().parse_args(argv))
     except (CliError, CheckpointError, SpecError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # output piped into head & co.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # permissions, disk full, a folder where a file should be
-        print(f"{PROG}: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        print(f"{PROG}: error: {err.filename or ''}: {_one_line(err.strerror or err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
@@ -262,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug, not bad input: still no traceback unless asked for
         if os.environ.get("CONVERT_CKPT_DEBUG"):
             raise
-        print(f"{PROG}: error: unexpected {type(err).__name__}: {err} (set CONVERT_CKPT_DEBUG=1 for the "
-              "traceback and please report it)", file=sys.stderr)
+        print(f"{PROG}: error: unexpected {type(err).__name__}: {_one_line(err)} (set CONVERT_CKPT_DEBUG=1 for "
+              "the traceback and please report it)", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

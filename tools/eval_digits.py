@@ -121,6 +121,11 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _one_line(err) -> str:
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("samples", help="samples.npz written by a sample run (arr_0 images, arr_1 labels)")
@@ -131,8 +136,14 @@ def main(argv=None) -> int:
     try:
         images, labels = load_samples(args.samples)
         result = evaluate(images, labels, args.seed)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:  # the samples file cannot be used (load_samples names it and says why)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: {args.samples}: not enough memory to load and score these samples", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that cannot be read: permissions, a folder
+        print(f"error: {err.filename or args.samples}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(report(result))
     if args.json:

@@ -66,7 +66,7 @@ def set_execution_mode(mode: str, device: str = "auto") -> str:
                 continue
     else:
         target = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU", "cuda": "GPU"}[device]
-    if ms.get_context("device_target") != target:  # after the first kernel set_device raises, even to the same target
+    if ms.get_context("device_target") != target:  # a first set_device after any kernel raises, even unchanged
         ms.set_device(target)
     return target
 

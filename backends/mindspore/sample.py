@@ -66,11 +66,13 @@ class SampleAdapter(SampleBackend):
         return decode(vae, Tensor(latents), latent_scale).astype(ms.float32).asnumpy()
 
 
-def load_model(ckpt: str, weights: str = "ema", device: str = "cpu", mindspore_mode: str = "pynative"):
-    """(model in eval mode, spec, recipe or None) from any backend's checkpoint or a run folder."""
+def load_model(ckpt: str, weights: str = "ema", device: str = "cpu"):
+    """(model in eval mode, spec, recipe or None) from any backend's checkpoint or a run folder,
+    built in the execution mode already set (PyNative unless the caller chose Graph)."""
     state, spec, recipe, _ = read_weights(ckpt, weights)
     backend = SampleAdapter()
-    backend.setup({"device": device, "mindspore_mode": mindspore_mode, "precision": "fp32"})
+    mode = "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"
+    backend.setup({"device": device, "mindspore_mode": mode, "precision": "fp32"})
     return backend.load_model(state, spec), spec, recipe
 
 

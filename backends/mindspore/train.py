@@ -170,7 +170,8 @@ def train_step(forward_backward: ForwardBackward, reduce_gradients: ReduceGradie
     them when they are not finite).
 
     Returns (this process's means of the loss terms, the gradient norm and the skipped count;
-    the reduced gradients).
+    (gradients, norm tensor) for ``ApplyGradients``). The per-sample loss inputs go in as
+    ``ms.mutable``: a plain dict is a constant to Graph mode, recompiled for every new value.
     """
     accum = len(micro_batches)
     totals: dict[str, float] = {"skipped": 0.0}

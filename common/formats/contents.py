@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.atomic import atomic_path
-from common.formats.errors import FormatError, _check_file
+from common.formats.errors import FormatError, _check_file, _short
 from common.formats.mindspore_ckpt import (
     MS_PREFIXES, MS_RESERVED_TAGS, MS_TRAIN_FORMAT, read_ms_checkpoint, write_ms_checkpoint,
 )
@@ -117,8 +118,7 @@ def _describe(value) -> str:
         return f"{type(value).__name__} of {len(value)}"
     if value is None:
         return "None"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _short(value, 60)
 
 
 def _count_tensors(value) -> int:
@@ -141,6 +141,10 @@ def _parse_spec(value, origin: str) -> DiRSpec:
             return DiRSpec.from_dict(dict(value), source=origin)
     except (SpecError, TypeError) as err:
         raise FormatError(f"{origin}: bad spec ({err})") from None
+    except RecursionError:
+        raise FormatError(f"{origin}: bad spec (nested too deeply)") from None
+    except ValueError as err:  # JSON numbers of more digits than Python converts, bad UTF-8
+        raise FormatError(f"{origin}: bad spec ({type(err).__name__}: {err})") from None
     raise FormatError(f"{origin}: the spec is a {type(value).__name__}, expected a dict or JSON text")
 
 
@@ -158,6 +162,10 @@ def _parse_recipe(value, origin: str) -> Recipe:
         raise FormatError(str(err)) from None
     except (TypeError, UnicodeDecodeError) as err:  # e.g. class_names that is not a list
         raise FormatError(f"{origin}: bad recipe ({err})") from None
+    except RecursionError:
+        raise FormatError(f"{origin}: bad recipe (nested too deeply)") from None
+    except ValueError as err:  # JSON numbers of more digits than Python converts
+        raise FormatError(f"{origin}: bad recipe ({type(err).__name__}: {err})") from None
 
 
 def _tensor_dict(value, where: str) -> dict[str, Stored]:
@@ -168,8 +176,9 @@ def _tensor_dict(value, where: str) -> dict[str, Stored]:
         if isinstance(item, np.ndarray):
             item = Stored.from_numpy(item)
         if not isinstance(item, Stored):
-            raise FormatError(f"{where}: entry '{name}' is {_describe(item)}, not a tensor")
-        out[str(name)] = item
+            raise FormatError(f"{where}: entry '{name if isinstance(name, str) else _short(name)}' is "
+                              f"{_describe(item)}, not a tensor")
+        out[name if isinstance(name, str) else _short(name)] = item
     return out
 
 
@@ -185,10 +194,10 @@ def _from_dict_checkpoint(obj, path: Path, fmt: str) -> Contents:
         contents = Contents(path, fmt, "training", sets)
         for key, value in obj.items():
             if key not in sets and key not in _DESCRIPTIVE_KEYS:
-                contents.other[str(key)] = _describe(value)
+                contents.other[key if isinstance(key, str) else _short(key)] = _describe(value)
         if "step" in obj:
-            if isinstance(obj["step"], bool) or not isinstance(obj["step"], int):
-                raise FormatError(f"{path}: 'step' is {_describe(obj['step'])}, expected an integer")
+            if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or not -2**63 <= obj["step"] < 2**63:
+                raise FormatError(f"{path}: 'step' is {_describe(obj['step'])}, expected a 64-bit integer")
             contents.step = int(obj["step"])
         if isinstance(obj.get("config"), dict):
             contents.config = dict(obj["config"])
@@ -234,7 +243,7 @@ def _from_ms_entries(entries: dict[str, Stored | str], path: Path) -> Contents:
         try:
             config = json.loads(entries["config"])
             contents.config = config if isinstance(config, dict) else None
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, a number of too many digits
             contents.other["config"] = _describe(entries["config"])
     return contents
 
@@ -248,7 +257,7 @@ def _read_sidecar(contents: Contents) -> None:
         raise FormatError(f"{side}: cannot read the spec ({err})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         data = None  # _parse_spec below says what is wrong with it
     origin = f"sidecar {side.name}"
     if isinstance(data, dict) and "spec" in data:  # {"spec": {...}, "recipe": {...} or null}
@@ -281,7 +290,7 @@ def read_contents(path, fmt: str | None = None) -> Contents:
         if "recipe" in metadata:
             contents.recipe = _parse_recipe(metadata["recipe"], f"{path} metadata 'recipe'")
             contents.recipe_origin = "file"
-        if metadata.get("step", "").isdigit():
+        if re.fullmatch(r"[0-9]{1,18}", metadata.get("step", "")):  # ASCII digits only ('²'.isdigit() is True)
             contents.step = int(metadata["step"])
         contents.other.update({f"metadata {k}": v for k, v in metadata.items() if k not in ("spec", "step", "recipe")})
     elif fmt == "mindspore":
@@ -349,6 +358,9 @@ def canonical_weights(contents: Contents, weights: str = "ema", spec: DiRSpec | 
                           "it; pass --spec (a preset such as DiR-S/2, JSON, or a JSON file)")
     used, stored = contents.weight_set(weights)
     where = f"{contents.path}" + (f" ['{used}']" if contents.layout == "training" else "")
+    if spec.num_blocks > len(stored):  # every block has tensors: no need to list a table of millions
+        raise FormatError(f"{where} does not match the DiR parameter table: the spec has {spec.num_blocks} blocks "
+                          f"but the file holds only {len(stored)} tensors")
     problems = [f"not floating point: {name} has dtype {value.dtype}" for name, value in stored.items()
                 if not value.is_float]
     try:

@@ -32,3 +32,14 @@ def _check_file(path: Path) -> None:
         raise FormatError(f"{path}: no such file")
     if not path.is_file():
         raise FormatError(f"{path}: not a file")
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value) for a message, cut to ``limit`` characters; an integer too long to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1000:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. a container holding an integer of more digits than Python prints
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -38,6 +38,7 @@ _MS_TYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16",
              "UInt16": "uint16", "UInt32": "uint32", "UInt64": "uint64", "Bool": "bool"}
 _MS_CODES = {name: code for code, name in _MS_TYPES.items()}
 _CKPT_CLASS = None
+_MAX_DIMS = 32  # numpy's limit (NPY_MAXDIMS)
 
 
 def checkpoint_file_descriptor():
@@ -106,6 +107,8 @@ def read_ms_checkpoint(path) -> dict[str, Stored | str]:
     while i < len(values):
         value = values[i]
         tag = value.tag
+        if not isinstance(tag, str):  # protobuf hands out bytes for a proto2 string that is not UTF-8
+            raise FormatError(f"{path}: entry {i} has a tag that is not UTF-8 text ({bytes(tag)[:60]!r}; corrupt)")
         if value.WhichOneof("value") != "tensor":
             raise FormatError(f"{path}: entry '{tag}' is a MindSpore map parameter, which DiR checkpoints never hold")
         # mindspore.save_checkpoint splits a big tensor into consecutive values with the same tag
@@ -130,6 +133,8 @@ def read_ms_checkpoint(path) -> dict[str, Stored | str]:
             raise FormatError(f"{path}: entry '{tag}' has tensor_type {kind!r}; supported: {', '.join(_MS_TYPES)}")
         if any(n < 0 for n in dims):
             raise FormatError(f"{path}: entry '{tag}' has negative dims {dims}")
+        if len(dims) > _MAX_DIMS:
+            raise FormatError(f"{path}: entry '{tag}' has {len(dims)} dims, more than numpy's {_MAX_DIMS} (corrupt)")
         dtype = _MS_TYPES[kind]
         itemsize = _numpy_dtype(dtype).itemsize
         if dims == [0] and len(data) == itemsize:

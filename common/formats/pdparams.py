@@ -11,20 +11,26 @@ reconstruction, ``OrderedDict``, ``tuple``, ``_codecs.encode``), each wrapped so
 its arguments and cannot be modified by pickle's BUILD; any other global, and any
 persistent id, is refused *before* anything is called. The unpickled tree is then
 checked to be plain data (plain numeric dtypes only, no object arrays, no cycles, bounded
-depth). Writing is ``pickle.dump`` of plain dicts and arrays.
+depth, and at most ``MAX_PICKLED_OBJECTS`` objects counted through shared references, so a
+few bytes of memo references cannot expand into 2**N). Writing is ``pickle.dump`` of plain
+dicts and arrays.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from common.formats.errors import FormatError, UnsafeCheckpointError, _check_file
+from common.formats.errors import FormatError, UnsafeCheckpointError, _check_file, _short
 from common.formats.stored import Stored, bf16_bits_to_float32
 
 PDPARAMS_PROTOCOL = 4  # paddle.save's default
+MAX_PICKLED_OBJECTS = 1_000_000  # containers and leaves, counted as often as they are referenced
 
 
 class _Guarded:
@@ -147,10 +153,15 @@ def _clean_pickled(obj, path: Path):
     """Check the unpickled tree is plain data; unwrap paddle's (name, array) pairs and drop its name table."""
     allowed_leaves = (str, bytes, int, float, bool, type(None), np.generic)
     ancestors: set[int] = set()
+    visits = [0]
 
     def walk(value, where: str, depth: int):
         if depth > 64:
             raise UnsafeCheckpointError(f"nesting deeper than 64 levels at {where}")
+        visits[0] += 1
+        if visits[0] > MAX_PICKLED_OBJECTS:  # shared references can make a few bytes expand to 2**N objects
+            raise UnsafeCheckpointError(f"it expands to more than {MAX_PICKLED_OBJECTS:,} objects (shared "
+                                        "references); a checkpoint holds a few thousand")
         if isinstance(value, np.ndarray):
             if not _plain_dtype(value.dtype):
                 raise UnsafeCheckpointError(f"array at {where} has dtype {value.dtype}, not a plain numeric dtype")
@@ -175,9 +186,9 @@ def _clean_pickled(obj, path: Path):
                 out = {}
                 for key, item in value.items():
                     if not isinstance(key, (str, int)) or isinstance(key, bool):
-                        raise UnsafeCheckpointError(f"dict key {key!r} at {where} is not a string or integer")
+                        raise UnsafeCheckpointError(f"dict key {_short(key)} at {where} is not a string or integer")
                     if key != _PADDLE_NAME_TABLE:
-                        out[key] = walk(item, f"{where}[{key!r}]", depth + 1)
+                        out[key] = walk(item, f"{where}[{_short(key)}]", depth + 1)
                 return out
             items = [walk(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
             return items if isinstance(value, list) else tuple(items)
@@ -201,9 +212,14 @@ def load_pdparams(path, decode_bf16: bool = False):
     """
     path = Path(path)
     _check_file(path)
+    chatter = io.StringIO()
     try:
         with open(path, "rb") as handle:
-            obj = RestrictedUnpickler(handle).load()
+            # CPython 3.11's C unpickler prints "SystemError: deallocated bytearray object has exported
+            # buffers" on stderr when a crafted BYTEARRAY8 declares 2**50 bytes (besides raising MemoryError):
+            # what it prints goes to a buffer, passed on only if the file loads
+            with contextlib.redirect_stderr(chatter):
+                obj = RestrictedUnpickler(handle).load()
             if handle.read(1):
                 raise FormatError(f"{path}: trailing bytes after the pickle (corrupt or not a .pdparams file)")
     except UnsafeCheckpointError as err:
@@ -215,6 +231,8 @@ def load_pdparams(path, decode_bf16: bool = False):
     except Exception as err:  # truncated / corrupt pickles raise many types
         why = "truncated" if isinstance(err, EOFError) or "truncated" in str(err).lower() else "corrupt"
         raise FormatError(f"{path}: not a readable .pdparams pickle ({why}: {type(err).__name__}: {err})") from None
+    if chatter.getvalue():
+        sys.stderr.write(chatter.getvalue())
     try:
         obj = _clean_pickled(obj, path)
     except UnsafeCheckpointError as err:

@@ -7,9 +7,10 @@ whose metadata holds ``format = dir-canonical``, ``format_version``, ``spec`` (t
 DiRSpec as JSON) and, when known, ``recipe`` (the training recipe as JSON).
 
 Reading trusts nothing: the header length is checked against the file (and capped), the
-header must be a JSON object of the expected fields, every dtype must be known, every
-byte range must match its dtype and shape, and the ranges must tile the data exactly (no
-overlap, hole, truncation or trailing bytes) before a byte of tensor data is read. bf16
+header must be a JSON object of the expected fields naming no key twice, every dtype must
+be known, every shape at most 32-dimensional, every byte range must match its dtype and
+shape, and the ranges must tile the data exactly (no overlap, hole, truncation or trailing
+bytes) before a byte of tensor data is read. bf16
 (``BF16``) stays as its uint16 bits (see ``stored.py``).
 """
 from __future__ import annotations
@@ -33,6 +34,27 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "U8": "uint8", "BOOL": "bool"}
 _ST_CODES = {name: code for code, name in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_DIMS = 32  # numpy's limit (NPY_MAXDIMS)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a header that names a tensor (or __metadata__) twice is refused, not last-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _preview(value, limit: int = 120) -> str:
+    """repr(value), cut to ``limit`` characters (a header value can be as long as the header)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
@@ -52,12 +74,17 @@ def read_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
         if header_len > min(size - 8, _MAX_HEADER):
             raise bad(f"header length {header_len} exceeds the file ({size} bytes); truncated or not safetensors")
         try:
-            header = json.loads(handle.read(header_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            header = json.loads(handle.read(header_len).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as err:
+            raise bad(f"the header names {err.args[0]!r} twice") from None
+        except RecursionError:
+            raise bad("header is not JSON: nested too deeply") from None
+        except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, an integer of too many digits
             raise bad(f"header is not JSON: {err}") from None
         if not isinstance(header, dict):
             raise bad("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise bad("__metadata__ must map strings to strings")
         data_size = size - 8 - header_len
@@ -67,16 +94,20 @@ def read_safetensors(path) -> tuple[dict[str, Stored], dict[str, str]]:
                 raise bad(f"tensor '{name}': entry must hold dtype, shape and data_offsets")
             code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
             if code not in _ST_DTYPES:
-                raise bad(f"tensor '{name}': unsupported dtype {code!r} (supported: {', '.join(_ST_DTYPES)})")
+                raise bad(f"tensor '{name}': unsupported dtype {_preview(code)} (supported: {', '.join(_ST_DTYPES)})")
             if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                     for n in shape)):
-                raise bad(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+                raise bad(f"tensor '{name}': shape {_preview(shape)} is not a list of non-negative integers")
+            if len(shape) > _MAX_DIMS:
+                raise bad(f"tensor '{name}': {len(shape)} dimensions, more than numpy's {_MAX_DIMS}")
             if not (isinstance(offsets, list) and len(offsets) == 2
                     and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
                     and 0 <= offsets[0] <= offsets[1]):
-                raise bad(f"tensor '{name}': bad data_offsets {offsets!r}")
+                raise bad(f"tensor '{name}': bad data_offsets {_preview(offsets)}")
             dtype = _ST_DTYPES[code]
             nbytes = math.prod(shape) * _numpy_dtype(dtype).itemsize
+            if nbytes >= 2**63:
+                raise bad(f"tensor '{name}': shape {_preview(shape)} declares 2**63 bytes or more")
             if offsets[1] - offsets[0] != nbytes:
                 raise bad(f"tensor '{name}': {offsets[1] - offsets[0]} bytes of data, expected {nbytes} for "
                           f"{code} {shape}")

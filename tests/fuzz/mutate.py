@@ -40,6 +40,7 @@ import zlib
 INTERESTING = [0, 1, 2, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 1000, 1024, 4095, 4096, 32767,
                32768, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**53, 2**62, 2**63 - 1, 2**63,
                2**64 - 1]
+MARKER = "/tmp/dir-fuzz-pwned"  # what the crafted pickles ask os.system & co to create: it must never appear
 HUGE = [2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**48, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 10**20]
 
 
@@ -199,7 +200,10 @@ def _mutate_json_text(text: str, rng) -> str:
         return rng.choice(["[" * 5000 + "]" * 5000, text[:-1], "null", "[]", "\"x\"", text + "x", "{}",
                            '{"a": ' * 3000 + "1" + "}" * 3000])
     key = rng.choice(list(obj))
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
+    if kind == 6:  # a number of more digits than Python converts (json.loads raises ValueError)
+        obj[key] = "__HUGE__"
+        return json.dumps(obj).replace('"__HUGE__"', "9" * rng.choice([4400, 20000]))
     if kind == 0:
         obj[key] = rng.choice([_pick_int(rng), -1, 0, 1.5, "x", None, True, [], {}, 10**400, 2**20, 3 * 10**6])
     elif kind == 1:
@@ -219,7 +223,11 @@ def _mutate_json_text(text: str, rng) -> str:
 def safetensors_header(data, rng, variant=None):
     header, body = _st_split(data)
     names = [k for k in header if k != "__metadata__"]
-    kind = rng.randrange(14)
+    kind = rng.randrange(15)
+    if kind == 14:  # a dimension or an offset of more digits than Python converts
+        text = json.dumps(header)
+        field = rng.choice(['"shape":[', '"data_offsets":[', '"shape": [', '"data_offsets": ['])
+        return _st_join(text.replace(field, field + "9" * rng.choice([4400, 30000]) + ",", 1), body)
     if kind == 0:  # the header length
         (length,) = struct.unpack("<Q", data[:8])
         value = rng.choice([_pick_int(rng, length) % 2**64, len(data), len(data) - 7, length + 8, 100 * 2**20 + 1])
@@ -843,43 +851,53 @@ def _attack_pickle(module: str, name: str, protocol: int, marker: str) -> bytes:
 
 
 def pickle_attack(data, rng, variant=None):
-    """A pickle that asks to call something (os.system & co), to nest or to expand without bound."""
-    kind = rng.randrange(10)
-    marker = "/tmp/dir-fuzz-pwned"
-    if kind <= 2:
+    """A pickle that asks to call something (os.system & co): it must be refused, whatever else it holds."""
+    kind = rng.randrange(4)
+    if kind <= 1:
         module, name = rng.choice(_ATTACK_GLOBALS[:10])
-        payload = _attack_pickle(module, name, rng.choice([0, 2, 4]), marker)
+        payload = _attack_pickle(module, name, rng.choice([0, 2, 4]), MARKER)
         if rng.random() < 0.5:  # inside a valid-looking dict: {"model": <call>}
             payload = b"\x80\x02}" + _unicode("model") + payload[2:-1] + b"s."
         return payload
-    if kind == 3:  # BUILD on a whitelisted function
+    if kind == 2:  # BUILD on a whitelisted function
         return b"c_codecs\nencode\n(dV__defaults__\n(Vlatin1\ntsb."
-    if kind == 4:  # shared references expanding to 2**k leaves (each level: [prev, prev])
+    # the valid pickle with a call spliced in front of STOP: {"model": ..., "optimizer": os.system(...)}
+    stop = data.rfind(b".")
+    call = _attack_pickle(*rng.choice(_ATTACK_GLOBALS[:4]), 2, MARKER)[2:-1]
+    return data[:stop] + _unicode("optimizer") + call + b"s" + data[stop:]
+
+
+def pickle_crafted(data, rng, variant=None):
+    """A pickle built to hurt: shared references expanding to 2**N, deep nesting, huge declared lengths,
+    object arrays, dtypes rebuilt with objects, integers too long to print."""
+    kind = rng.randrange(6)
+    if kind == 0:  # shared references expanding to 2**k leaves (each level: (prev, prev))
         levels = rng.choice([30, 60, 200])
         out = bytearray(b"\x80\x02N")
         for level in range(levels):
-            out += b"q" + bytes([level % 256]) if level < 256 else b""
-            out += b"h" + bytes([level % 256]) + b"h" + bytes([level % 256]) + b"\x86"
+            out += b"r" + struct.pack("<I", level) + b"0" + (b"j" + struct.pack("<I", level)) * 2 + b"\x86"
         return bytes(out) + b"."
-    if kind == 5:  # deep nesting
+    if kind == 1:  # deep nesting
         depth = rng.choice([100, 10000, 200000])
         return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
-    if kind == 6:  # huge declared lengths
+    if kind == 2:  # huge declared lengths
         op = rng.choice([b"\x8e" + struct.pack("<Q", 2**40), b"B" + struct.pack("<I", 2**31 - 1),
                          b"\x8d" + struct.pack("<Q", 2**62), b"\x8b" + struct.pack("<i", 2**31 - 1),
                          b"\x95" + struct.pack("<Q", 2**60), b"\x96" + struct.pack("<Q", 2**50)])
         return b"\x80\x04" + op + b"abc."
-    if kind == 7:  # an object array from the whitelist
+    if kind == 3:  # an object array from the whitelist
         return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
                 b"(K\x01K\x01\x85cnumpy\ndtype\nX\x02\x00\x00\x00O8K\x00K\x01\x87R\x89]cbuiltins\nprint\natb.")
-    if kind == 8:  # numpy dtype BUILD that makes it structured with objects
+    if kind == 4:  # numpy dtype BUILD that makes it structured with objects
         return (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00f4K\x00K\x01\x87R(K\x03X\x01\x00\x00\x00|N"
                 b"X\x01\x00\x00\x00a\x85}X\x01\x00\x00\x00a(cnumpy\ndtype\nX\x02\x00\x00\x00O8K\x00K\x01\x87RK"
                 b"\x00\x86sK\x08K\x01K?tb.")
-    # the valid pickle with a call spliced in front of STOP: {"model": ..., <key>: os.system(...)}
+    # the valid pickle with an integer too long to print, as a value or as a key
     stop = data.rfind(b".")
-    call = _attack_pickle(*rng.choice(_ATTACK_GLOBALS[:4]), 2, marker)[2:-1]
-    return data[:stop] + _unicode("optimizer") + call + b"s" + data[stop:]
+    huge = _p2(rng.choice([10**5000, -(2**70000), 2**64]))
+    if rng.random() < 0.3:
+        return data[:stop] + huge + b"N" + b"s" + data[stop:]
+    return data[:stop] + _unicode(rng.choice(["step", "optimizer", "spec", "config"])) + huge + b"s" + data[stop:]
 
 
 # ---- YAML ----------------------------------------------------------------------------------------
@@ -1188,12 +1206,20 @@ def npz_members(data, rng, variant=None):
     return zip_members_mutation(data, rng, variant, _npz_payload_mutators())
 
 
+def pth_bomb(data, rng, variant=None):
+    """The .pth with one storage record replaced by a deflated gigabyte of zeros (a few MB on disk)."""
+    members = [(info.filename, payload) for info, payload in _members(data)]
+    records = [name for name, _ in members if "/data/" in name]
+    target = rng.choice(records)
+    return _zip_with_raw_member([(m, p) for m, p in members if m != target], target, b"", 1 << 30)
+
+
 def pth_members(data, rng, variant=None):
     members = [(info.filename, payload) for info, payload in _members(data)]
     pkl = [i for i, (name, _) in enumerate(members) if name.endswith("data.pkl")]
     if pkl and rng.random() < 0.7:  # the pickle itself, CRC right
         i = pkl[0]
-        mutator = rng.choice([pickle_ops, pickle_ops, pickle_ops, pickle_attack, bitflip, truncate])
+        mutator = rng.choice([pickle_ops, pickle_ops, pickle_ops, pickle_attack, pickle_crafted, bitflip, truncate])
         members[i] = (members[i][0], mutator(members[i][1], rng, variant))
         return _rebuild(members)
     return zip_members_mutation(data, rng, variant, [(w, f) for w, f in GENERIC])
@@ -1201,9 +1227,9 @@ def pth_members(data, rng, variant=None):
 
 MUTATORS = {
     "safetensors": GENERIC + [(14, safetensors_header)],
-    "pdparams": GENERIC + [(12, pickle_ops), (4, pickle_attack)],
+    "pdparams": GENERIC + [(12, pickle_ops), (3, pickle_attack), (3, pickle_crafted)],
     "ckpt": GENERIC + [(6, ckpt_crc), (6, protobuf_varint), (8, protobuf_message)],
-    "pth": GENERIC + [(6, zip_fields), (12, pth_members)],
+    "pth": GENERIC + [(6, zip_fields), (12, pth_members), (1, pth_bomb)],
     "yaml": GENERIC + [(25, yaml_text)],
     "samples": GENERIC + [(5, zip_fields), (12, npz_members), (1, npz_bomb)],
     "image": GENERIC + [(10, png_structure), (6, jpeg_structure), (4, header_ints), (3, image_bomb)],
@@ -1218,5 +1244,5 @@ def mutate(reader: str, data: bytes, rng: random.Random, variant=None) -> tuple[
     weights, functions = zip(*MUTATORS[reader])
     function = rng.choices(functions, weights)[0]
     if reader == "image" and function in (png_structure, jpeg_structure) and variant is not None:
-        function = _FORMAT_SPECIFIC.get(variant.suffix, header_ints) if function is not image_bomb else function
+        function = _FORMAT_SPECIFIC.get(variant.suffix, header_ints)  # the structure mutator of the file's format
     return function(data, rng, variant), function.__name__

@@ -226,7 +226,15 @@ def run_reader(reader: str, count: int, seed: int, root: Path, cases=None, timeo
             shutil.rmtree(workdir)
         target = readers.place(reader, workdir, variant, data, label)
         touched = _changed_ranges(variant.data, data) if "spans" in variant.info else None
+        marker = Path(mutate.MARKER)
+        marker.unlink(missing_ok=True)
         outcome = run_in_child(lambda: spec.run(target, variant, touched), timeout, max_mb, fork)
+        if marker.exists():
+            marker.unlink()
+            outcome = readers.failure(f"the file ran code: {marker} was created ({outcome['status']}: "
+                                      f"{outcome.get('message', '')[:300]})")
+        if mutator_name == "pickle_attack" and outcome["status"] == "accepted":
+            outcome = readers.failure("a crafted pickle was accepted")
         status = outcome["status"]
         result.cases += 1
         mutator_key = mutator_name.split(" ")[0]
