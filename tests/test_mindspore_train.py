@@ -171,6 +171,109 @@ if __name__ != "__main__":
         assert (run_dir / "checkpoints/0000002.ckpt").is_file()
 
 
+    def test_a_skipped_nonfinite_step_changes_nothing(tmp_path):
+        run_python([str(Path(__file__).resolve()), "poisoned", str(tmp_path)], env_extra={"OMP_NUM_THREADS": "2"},
+                   cwd=tmp_path)
+        weights = np.load(tmp_path / "weights.npz")
+        assert weights["nonfinite"].size == 0
+        names = [n[len("reference."):] for n in weights.files if n.startswith("reference.")]
+        for name in names:
+            np.testing.assert_array_equal(weights[f"poisoned.{name}"], weights[f"reference.{name}"], err_msg=name)
+        end = json.loads((tmp_path / "three" / "log.jsonl").read_text().splitlines()[-1])
+        assert end["event"] == "end" and end["skipped_updates"] == 1
+
+    @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
+    def test_msrun_stops_when_a_worker_dies_and_the_run_resumes(tmp_path):
+        """msrun watches its workers: when one is killed it stops the other and fails; the newest
+        complete checkpoint is intact and a new msrun resumes from it."""
+        import time
+
+        run_dir = tmp_path / "dead"
+        run_dir.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", DIE_AFTER_CHECKPOINT="0000002.ckpt",
+                   PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        port = str(8700 + os.getpid() % 500)
+
+        def launch():
+            return subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--join", "True",
+                                   "--master_port", port, "--log_dir", str(tmp_path / "logs"),
+                                   str(Path(__file__).resolve()), "dying", str(run_dir), "--max_steps", "40",
+                                   "--resume", "auto"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+        start = time.monotonic()
+        proc = launch()
+        assert proc.returncode != 0 and time.monotonic() - start < 300, proc.stdout[-2000:] + proc.stderr[-2000:]
+        steps = sorted(int(p.stem) for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        assert 2 in steps and max(steps) < 40
+        assert read(run_dir / "checkpoints" / f"{max(steps):07d}.ckpt")["step"] == max(steps)  # complete
+        env.pop("DIE_AFTER_CHECKPOINT")
+        env["DIR_TEST_MAX_STEPS"] = str(max(steps) + 2)
+        again = launch()
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        starts = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+                  if '"event": "start"' in line]
+        assert starts[-1]["resumed_from"].endswith(f"{max(steps):07d}.ckpt")
+        assert read(run_dir / "checkpoints" / f"{max(steps) + 2:07d}.ckpt")["step"] == max(steps) + 2
+
+
+def poisoned_worker(out: str) -> None:
+    """A run whose third step has NaN gradients, skipped, against a run that stops after two steps."""
+    import mindspore as ms
+
+    from backends.mindspore.train import TrainAdapter
+    from common.config import TRAIN_SCHEMA, parse_cli
+    from common.trainer import run_training
+
+    class Poisoned(TrainAdapter):
+        calls = 0
+
+        def train_step(self, micro_batches, draws):
+            values = super().train_step(micro_batches, draws)
+            if self.calls == 2:
+                grads, norm = self.pending
+                self.pending = (tuple(ms.Tensor(np.full(g.shape, np.nan, np.float32)) for g in grads), norm)
+                values["loss"] = float("nan")
+            self.calls += 1
+            return values
+
+    def config(run_dir, steps, *extra):
+        return parse_cli([*TINY, "--run_dir", run_dir, "--max_steps", str(steps), *extra], TRAIN_SCHEMA, "test")[0]
+
+    reference, poisoned = TrainAdapter(), Poisoned()
+    run_training(config(f"{out}/two", 2), reference)
+    run_training(config(f"{out}/three", 3, "--on_nonfinite", "skip"), poisoned)
+    np.savez(f"{out}/weights.npz", **{f"reference.{k}": v for k, v in reference.model.canonical_state().items()},
+             **{f"poisoned.{k}": v for k, v in poisoned.model.canonical_state().items()},
+             nonfinite=np.asarray(poisoned.nonfinite_tensors(), dtype=str))
+
+
+def dying_worker(run_dir: str, *extra: str) -> None:
+    """msrun worker whose rank 1 is killed once DIE_AFTER_CHECKPOINT is complete."""
+    import signal
+    import threading
+    import time
+
+    die_after = os.environ.get("DIE_AFTER_CHECKPOINT")
+    if die_after and os.environ.get("RANK_ID") == "1":
+        def killer():
+            while not (Path(run_dir) / "checkpoints" / die_after).exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=killer, daemon=True).start()
+    extra = list(extra)
+    if "DIR_TEST_MAX_STEPS" in os.environ:  # the resumed launch stops soon after the checkpoint it resumes
+        extra[extra.index("--max_steps") + 1] = os.environ["DIR_TEST_MAX_STEPS"]
+    from backends.mindspore.train import main
+
+    main([*TINY, "--ckpt_every", "2", "--run_dir", run_dir, *extra])
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
         worker(sys.argv[2], *sys.argv[3:])
+    elif sys.argv[1] == "dying":
+        dying_worker(sys.argv[2], *sys.argv[3:])
+    elif sys.argv[1] == "poisoned":
+        poisoned_worker(sys.argv[2])

@@ -131,14 +131,35 @@ def _count_tensors(value) -> int:
     return 0
 
 
+def _refuse_duplicate_keys(text, origin: str, what: str) -> None:
+    """JSON text with an object that names a key twice is refused (``json.loads`` would keep the last one)."""
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise FormatError(f"{origin}: bad {what} (key '{key[:60]}' given twice)")
+            seen.add(key)
+
+    try:
+        json.loads(text, object_pairs_hook=hook)
+    except FormatError:
+        raise
+    except (ValueError, RecursionError, TypeError):
+        pass  # not JSON: the parser proper says so
+
+
 def _parse_spec(value, origin: str) -> DiRSpec:
     try:
         if isinstance(value, DiRSpec):
             return value
         if isinstance(value, (str, bytes)):
-            return DiRSpec.from_json(value.decode() if isinstance(value, bytes) else value, source=origin)
+            text = value.decode() if isinstance(value, bytes) else value
+            _refuse_duplicate_keys(text, origin, "spec")
+            return DiRSpec.from_json(text, source=origin)
         if isinstance(value, dict):
             return DiRSpec.from_dict(dict(value), source=origin)
+    except FormatError:
+        raise
     except (SpecError, TypeError) as err:
         raise FormatError(f"{origin}: bad spec ({err})") from None
     except RecursionError:
@@ -156,8 +177,11 @@ def _parse_recipe(value, origin: str) -> Recipe:
         if isinstance(value, bytes):
             value = value.decode("utf-8")
         if isinstance(value, str):
+            _refuse_duplicate_keys(value, origin, "recipe")
             return Recipe.from_json(value, source=origin)
         return Recipe.from_dict(value, source=origin)
+    except FormatError:
+        raise
     except RecipeError as err:  # its message starts with ``origin`` and names the key
         raise FormatError(str(err)) from None
     except (TypeError, UnicodeDecodeError) as err:  # e.g. class_names that is not a list
@@ -240,6 +264,7 @@ def _from_ms_entries(entries: dict[str, Stored | str], path: Path) -> Contents:
     if isinstance(step, Stored) and step.array.size == 1 and step.dtype.startswith(("int", "uint")):
         contents.step = int(step.array.reshape(()))
     if isinstance(entries.get("config"), str):
+        _refuse_duplicate_keys(entries["config"], f"{path} ['config']", "training config")
         try:
             config = json.loads(entries["config"])
             contents.config = config if isinstance(config, dict) else None
@@ -255,6 +280,7 @@ def _read_sidecar(contents: Contents) -> None:
         text = side.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise FormatError(f"{side}: cannot read the spec ({err})") from None
+    _refuse_duplicate_keys(text, str(side), "spec file")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):

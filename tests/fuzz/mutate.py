@@ -1245,4 +1245,7 @@ def mutate(reader: str, data: bytes, rng: random.Random, variant=None) -> tuple[
     function = rng.choices(functions, weights)[0]
     if reader == "image" and function in (png_structure, jpeg_structure) and variant is not None:
         function = _FORMAT_SPECIFIC.get(variant.suffix, header_ints)  # the structure mutator of the file's format
-    return function(data, rng, variant), function.__name__
+    try:
+        return function(data, rng, variant), function.__name__
+    except Exception as error:  # noqa: BLE001 - a choice that cannot apply to this file: flip bits instead
+        return bitflip(data, rng), f"bitflip (after {function.__name__}: {type(error).__name__})"

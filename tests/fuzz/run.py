@@ -197,14 +197,10 @@ def make_case(reader: str, seed: int, index: int, root: Path):
     variants = variants_for(reader, root)
     variant = variants[rng.randrange(len(variants))]
     label = None
-    key = {"pth": "pth", "pdparams": "pdparams", "ckpt": "ckpt", "safetensors": "safetensors"}.get(reader, reader)
     if reader == "latent" and rng.random() < 0.25:  # the label file mutated instead of the features
         label, name = mutate.mutate("latent", variant.info["label"], rng, variant)
         return variant, variant.data, "label:" + name, label
-    try:
-        data, name = mutate.mutate(key, variant.data, rng, variant)
-    except Exception as error:  # noqa: BLE001 - a mutator that cannot apply: fall back, deterministically
-        data, name = mutate.bitflip(variant.data, rng), f"bitflip (after {type(error).__name__})"
+    data, name = mutate.mutate(reader, variant.data, rng, variant)
     return variant, data, name, label
 
 
