@@ -231,13 +231,28 @@ def check_value(option: Option, value: Any, source: str) -> Any:
         "str_or_list": isinstance(value, (str, list)),
     }[kind]
     if not ok:
-        raise ConfigError(f"{where} = {value!r} has type {_type_name(value)}, expected {kind.replace('_', ' ')}")
+        raise ConfigError(f"{where} = {_shown(value)} has type {_type_name(value)}, expected {kind.replace('_', ' ')}")
+    if kind == "int" and abs(value) >= 2**63:
+        raise ConfigError(f"{where} = {_shown(value)} is out of range (a 64-bit integer is expected)")
     if kind == "float":
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} = {_shown(value)} is out of the float range") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} = {value} is not a finite number")
     if option.choices is not None and value not in option.choices:
-        raise ConfigError(f"{where} = {value!r} is not allowed{closest_key(str(value), option.choices)}; "
+        raise ConfigError(f"{where} = {_shown(value)} is not allowed{closest_key(str(value)[:100], option.choices)}; "
                           f"allowed: {', '.join(map(str, option.choices))}")
     return value
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut to ``limit`` characters (a huge number or string stays readable)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_mapping(values: dict, schema: dict[str, Option], source: str) -> dict:
@@ -374,7 +389,7 @@ def parse_overrides(args: Sequence[str], schema: dict[str, Option]) -> dict:
             i += 1
         try:
             value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a number too long for int()): a string
             value = text
         overrides[key] = check_value(schema[key], value, "command line")
         i += 1

@@ -116,10 +116,20 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str, source: str = "recipe") -> "Recipe":
         try:
-            values = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise RecipeError(f"{source}: the recipe is not valid JSON ({err})") from None
+            values = json.loads(text, object_pairs_hook=unique_keys)
+        except (ValueError, TypeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+            raise RecipeError(f"{source}: the recipe is not valid JSON ({str(err)[:200]})") from None
         return cls.from_dict(values, source)
+
+
+def unique_keys(pairs: list) -> dict:
+    """``json.loads`` hook: a key given twice is an error, not last-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {str(key)[:80]!r} appears twice")
+        out[key] = value
+    return out
 
 
 def _is_number(value) -> bool:

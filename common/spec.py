@@ -105,10 +105,12 @@ class DiRSpec:
 
     @classmethod
     def from_json(cls, text: str, source: str = "spec") -> "DiRSpec":
+        from common.recipe import unique_keys
+
         try:
-            values = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SpecError(f"{source}: spec is not valid JSON ({err})") from None
+            values = json.loads(text, object_pairs_hook=unique_keys)
+        except (ValueError, TypeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+            raise SpecError(f"{source}: spec is not valid JSON ({str(err)[:200]})") from None
         if not isinstance(values, dict):
             raise SpecError(f"{source}: spec must be a JSON object, found {type(values).__name__}")
         return cls.from_dict(values, source)

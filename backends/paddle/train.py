@@ -168,7 +168,7 @@ class TrainAdapter(TrainBackend):
         # The launcher gives each process its own card (FLAGS_selected_gpus / _xpus).
         paddle.set_device(accelerator if config["device"] != "cpu" and accelerator is not None else "cpu")
         self.device = paddle.device.get_device()  # 'cpu', 'gpu:0', 'xpu:1', ...
-        if config["precision"] == "bf16" and self.device == "cpu":
+        if config.get("precision") == "bf16" and self.device == "cpu":
             raise ConfigError("key 'precision' = 'bf16' needs a GPU or XPU with Paddle (its CPU build has no bf16 "
                               "kernels); use fp32")
         if self.world_size > 1:
