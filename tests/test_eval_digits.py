@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from common.sampling import write_outputs
-from tools.eval_digits import evaluate, frechet_distance, main, real_digits_uint8
+from tools.eval_digits import evaluate, frechet_distance, main, real_images
 
 
 def test_frechet_distance_closed_form():
@@ -17,7 +17,7 @@ def test_frechet_distance_closed_form():
 
 
 def test_real_digits_score_high_and_noise_low(tmp_path):
-    images, labels = real_digits_uint8(16)
+    images, labels = real_images("digits", 16)
     pick = np.random.default_rng(1).permutation(len(labels))[:300]
     real = evaluate(images[pick], labels[pick])
     assert real["classifier_held_out_accuracy"] > 0.95

@@ -9,6 +9,7 @@ or canonical ``.safetensors``) with its training recipe, and writes ``out_dir/gr
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,13 @@ class SampleAdapter(SampleBackend):
         if config["precision"] == "bf16":
             raise ConfigError("key 'precision' = 'bf16' is not supported by the MindSpore backend "
                               "(no bf16 kernels on CPU; use fp32)")
-        return f"{pick_device(config['device'], config['mindspore_mode'])} ({config['mindspore_mode']} mode)"
+        target = pick_device(config["device"], config["mindspore_mode"])
+        if "MS_WORKER_NUM" in os.environ or "MS_ROLE" in os.environ:  # under msrun: one device per worker
+            from mindspore.communication import get_group_size, get_rank, init
+
+            init()
+            self.rank, self.world_size = get_rank(), get_group_size()
+        return f"{target} ({config['mindspore_mode']} mode)"
 
     def load_model(self, state, spec) -> DiR:
         model = DiR(spec)

@@ -8,10 +8,19 @@ or canonical ``.safetensors``) with its training recipe, and writes ``out_dir/gr
 
 ``paddle_to_static: true`` runs the network through ``paddle.jit.to_static`` (one trace per
 batch shape, then the static program); the images equal the eager ones.
+
+Several processes: ``python -m paddle.distributed.launch --nproc_per_node N backends/paddle/sample.py -c ...``
+(a script path, so this file also runs as a script) deals the batches out to the processes; rank 0
+writes the one ``samples.npz``.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: put the repo root first, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import numpy as np
 import paddle
@@ -45,6 +54,8 @@ class SampleAdapter(SampleBackend):
     framework = "paddle"
 
     def setup(self, config: dict) -> str:
+        self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))  # the launcher's; no collectives are needed
+        self.world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
         self.device = pick_device(config["device"])
         if config.get("precision") == "bf16" and self.device == "cpu":
             raise ConfigError("key 'precision' = 'bf16' needs a GPU or XPU with Paddle (its CPU build has no bf16 "

@@ -5,9 +5,13 @@ or canonical ``.safetensors``) with its training recipe, and writes ``out_dir/gr
 ``out_dir/images/*.png``, ``out_dir/samples.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) and
 ``out_dir/info.json``. The flow (weights, recipe, classes, batches, outputs) is
 ``common.sampling.run_sampling``; this file is its PyTorch adapter.
+
+Several processes: ``torchrun --nproc_per_node N -m backends.torch.sample -c ...`` deals the batches
+out to the processes (one GPU each); rank 0 writes the one ``samples.npz``.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -22,9 +26,12 @@ from common.sampling import SampleBackend, read_weights, run_sampling
 
 
 def pick_device(name: str) -> torch.device:
+    """The device a sampling process uses: under torchrun, the GPU of its LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("key 'device' = 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 class SampleAdapter(SampleBackend):
@@ -33,6 +40,8 @@ class SampleAdapter(SampleBackend):
     framework = "torch"
 
     def setup(self, config: dict) -> str:
+        self.rank = int(os.environ.get("RANK", "0"))  # torchrun's; the processes need no process group
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.torch_device = pick_device(config["device"])
         return str(self.torch_device)
 
