@@ -30,7 +30,10 @@ def load_vae(path: str | None, device=None):
         raise VAEError("decoding latents on Paddle needs ppdiffusers, an optional extra that cannot share an "
                        "environment with MindSpore: pip install -r requirements/paddle-vae.txt "
                        "(training on pre-extracted latents works without it)") from None
-    vae = AutoencoderKL.from_pretrained(path, from_diffusers=not any(Path(path).glob("*.pdparams")))
+    # A folder diffusers (PyTorch) wrote holds diffusion_pytorch_model.*; one ppdiffusers wrote holds
+    # diffusion_paddle_model.* or model_state.pdparams: only the first needs converting on load.
+    paddle_files = list(Path(path).glob("diffusion_paddle_model.*")) + list(Path(path).glob("*.pdparams"))
+    vae = AutoencoderKL.from_pretrained(path, from_diffusers=not paddle_files)
     vae.eval()
     return vae
 
