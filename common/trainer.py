@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointError
 from common.config import batch_layout, check_train_config, save_resolved
-from common.data import DataError, UnreadableItemWarning, build_source
+from common.data import DataError, StepSampler, UnreadableItemWarning, build_source
+from common.images import save_grid
 from common.objectives import SamplerSettings, grid_settings, step_draws
 from common.recipe import Recipe, RecipeError, recipe_from_config
 from common.spec import DiRSpec
@@ -172,7 +173,7 @@ def save_checkpoint(backend: TrainBackend, layout: RunLayout, step: int, metadat
         prune_checkpoints(layout, config["keep_last"], config["keep_every"])
 
 
-def check_trainable(source, config: dict, world_size: int) -> None:
+def check_trainable(source, config: dict) -> None:
     """Stop before the first step when the data cannot fill a step (the path and what was found)."""
     where = config.get("data_path") or config["dataset"]
     samples = getattr(source, "samples", None)
@@ -197,7 +198,7 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
     micro_batch = batch_layout(config["global_batch_size"], world_size, config["grad_accum_steps"], source_name)
 
     source = build_source(config)
-    check_trainable(source, config, world_size)
+    check_trainable(source, config)
     spec = model_spec(config, source, source_name)
     try:
         recipe = recipe_from_config(config, source.class_names)
@@ -216,8 +217,6 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
         backend.restore(checkpoint, resume_path)
         start_step = int(checkpoint["step"])
     backend.distribute()
-
-    from common.data import StepSampler
 
     step_sampler = StepSampler(len(source), config["global_batch_size"], world_size, rank,
                                config["grad_accum_steps"], config["seed"], config["random_flip"])
@@ -300,8 +299,6 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                         logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
                 if rank == 0 and wants_grid(step, config, last):
                     labels = np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
-                    from common.images import save_grid
-
                     images = backend.sample_grid(labels, grid, config["seed"])
                     save_grid(layout.grid(step), images, nrow=config["sample_per_class"],
                               upscale=max(1, 64 // images.shape[-1]))

@@ -21,7 +21,6 @@ however strong the decay. The state and all sums are fp32 (fp64 for fp64 input).
 from __future__ import annotations
 
 import paddle
-import paddle.nn.functional as F
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
