@@ -59,7 +59,8 @@ def convert(*args):
 
 def test_the_recipes_hold_what_training_used():
     assert DDPM.to_dict() == {"recipe_version": 1, "objective": "ddpm", "diffusion_steps": 1000,
-                              "noise_schedule": "cosine", "data": "pixels", "class_names": list(DIGITS)}
+                              "noise_schedule": "cosine", "data": "pixels", "class_names": list(DIGITS),
+                              "dataset": "digits"}
     assert (FLOW.objective, FLOW.flow_path, FLOW.flow_prediction) == ("flow", "gvp", "noise")
     # SiT's eps for a noise model on the GVP path, this project's time scale
     assert (FLOW.flow_train_eps, FLOW.flow_sample_eps, FLOW.flow_time_scale) == (1e-3, 1e-3, 1000.0)
@@ -177,14 +178,16 @@ def test_training_checkpoint_without_recipe_derives_it_from_its_config(state, tm
         src = tmp_path / f"older.{SUFFIXES[fmt]}"
         write_checkpoint(src, fmt, state, SPEC, config=config, step=500)  # as older checkpoints were: no 'recipe'
         contents = read_contents(src)
-        assert contents.recipe == Recipe(objective="ddpm", diffusion_steps=1000, noise_schedule="cosine")
+        assert contents.recipe == Recipe(objective="ddpm", diffusion_steps=1000, noise_schedule="cosine",
+                                         dataset="digits")
         assert contents.recipe_origin == "config"
         out = tmp_path / f"older_{fmt}.safetensors"
         assert convert("--src", src, "--dst", out) == 0
         assert "no training recipe" not in capsys.readouterr().err
         metadata = read_safetensors(out)[1]
         assert json.loads(metadata["recipe"]) == {"recipe_version": 1, "objective": "ddpm", "diffusion_steps": 1000,
-                                                  "noise_schedule": "cosine", "data": "pixels"}
+                                                  "noise_schedule": "cosine", "data": "pixels",
+                                                  "dataset": "digits"}
         assert json.loads(metadata["converted"])["recipe"] == "config"
         assert read_contents(out).recipe_origin == "file"
     if HAS_TORCH:
