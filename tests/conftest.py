@@ -4,8 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
+# Under pytest-xdist (the README's command runs two workers) each worker and every process it
+# starts gets one thread, so two workers never oversubscribe the two cores.
+THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("OMP_NUM_THREADS", "2")
+os.environ["OMP_NUM_THREADS"] = THREADS
+os.environ["MKL_NUM_THREADS"] = THREADS
 
 import pytest  # noqa: E402
 
@@ -32,6 +35,35 @@ def run_python(code_or_args, *, env_extra=None, timeout=600, cwd=REPO_ROOT):
         raise AssertionError(f"python {' '.join(map(str, code_or_args))} failed ({proc.returncode}):\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's ``--dist loadgroup``: tests that share a module-scoped fixture of
+    this suite (one training run, one parity case) run in one worker, so the fixture is built once;
+    with a parametrized one (MindSpore parity's pynative / graph), one group per value. Every other
+    test is a group of its own, so the two workers share the long tests evenly."""
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        shared = []
+        for name in item.fixturenames:
+            defs = definitions.name2fixturedefs.get(name) if definitions else None
+            if defs and defs[-1].baseid and defs[-1].scope != "function":  # baseid "": pytest's own
+                shared.append(name)
+        if shared:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            group = item.module.__name__ + "".join(f"[{params[n]}]" for n in shared if n in params)
+        else:
+            group = item.nodeid
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (tests run in parallel workers: no fixed ports)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -135,7 +135,7 @@ def test_mindspore_reads_a_ckpt_with_a_recipe(state, tmp_path):
     out["step"] = checkpoint["step"]
     print(json.dumps(out))
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2", GLOG_v="3")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"], GLOG_v="3")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -380,7 +380,7 @@ def test_import_common_formats_in_a_fresh_interpreter():
             "assert 'torch' not in sys.modules and 'google.protobuf' not in sys.modules; "
             "print(len(f.__all__))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2"), timeout=120)
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"]), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == len(formats.__all__)
     # and common.checkpoint on its own still offers what other modules import from it
@@ -390,7 +390,7 @@ def test_import_common_formats_in_a_fresh_interpreter():
             "assert CheckpointError is common.formats.CheckpointError; "
             "assert issubclass(common.formats.FormatError, CheckpointError)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2"), timeout=120)
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"]), timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -20,6 +20,7 @@ dropped with ``common.conditions.drop_conditions``), so both frameworks see iden
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -355,13 +356,13 @@ if __name__ != "__main__":
         case_dir = tmp_path_factory.mktemp("ms_parity")
         make_case(case_dir)
         script = str(Path(__file__).resolve())
-        run_python([script, "torch", str(case_dir)], env_extra={"OMP_NUM_THREADS": "2"})
+        run_python([script, "torch", str(case_dir)], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
         return case_dir
 
     @pytest.fixture(scope="module", params=["pynative", "graph"])
     def report(request, case):
         script = str(Path(__file__).resolve())
-        run_python([script, "mindspore", str(case), request.param], env_extra={"OMP_NUM_THREADS": "2"},
+        run_python([script, "mindspore", str(case), request.param], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
                    cwd=case)  # Graph-mode compile failures write rank_0/ into the working folder
         result = compare(case, request.param)
         print(f"\nMindSpore {request.param} vs PyTorch: {json.dumps(result, indent=1)}")

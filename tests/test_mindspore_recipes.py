@@ -14,6 +14,7 @@ torch|mindspore|torch-reverse ROOT``); they exchange .npz files.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ if __name__ != "__main__":
     def samples(tmp_path_factory):
         root = tmp_path_factory.mktemp("ms_recipes")
         script = str(Path(__file__).resolve())
-        env = {"OMP_NUM_THREADS": "2"}
+        env = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}
         for part in ("torch", "mindspore", "torch-reverse"):
             run_python([script, part, str(root)], env_extra=env, cwd=root)  # compile failures write rank_0/ here
         with np.load(root / "torch.npz") as a, np.load(root / "mindspore.npz") as b, \

@@ -41,11 +41,11 @@ if __name__ != "__main__":
     pytest.importorskip("mindspore")
     from common.formats import read_checkpoint as read_weights
     from common.training import read_metrics
-    from tests.conftest import REPO_ROOT, run_python
+    from tests.conftest import REPO_ROOT, free_port, run_python
 
     def ms_train(run_dir, *extra):
         return run_python(["-m", "backends.mindspore.train", *TINY, "--run_dir", str(run_dir), *extra],
-                          env_extra={"OMP_NUM_THREADS": "2"}, cwd=run_dir.parent)  # Graph mode may write rank_0/
+                          env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}, cwd=run_dir.parent)  # Graph mode may write rank_0/
 
     def read(path):
         code = ("import json,sys; from backends.mindspore.train import TrainAdapter;"
@@ -96,7 +96,7 @@ if __name__ != "__main__":
         out = tmp_path / "samples"
         run_python(["-m", "backends.mindspore.sample", "--ckpt", str(full), "--num_per_class", "1",
                     "--sampler", "ddim", "--num_sampling_steps", "3", "--cfg_scale", "2.0", "--classes", "[0, 3]",
-                    "--out_dir", str(out), "--save_images", "false"], env_extra={"OMP_NUM_THREADS": "2"}, cwd=tmp_path)
+                    "--out_dir", str(out), "--save_images", "false"], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]}, cwd=tmp_path)
         with np.load(out / "samples.npz") as data:
             assert data["arr_0"].shape == (2, 8, 8, 1) and data["arr_0"].dtype == np.uint8
             assert list(data["arr_1"]) == [0, 3]
@@ -138,7 +138,7 @@ if __name__ != "__main__":
         out = tmp_path / "samples"
         run_python(["-m", "backends.mindspore.sample", "--ckpt", str(full), "--num_per_class", "1", "--sampler", "heun",
                     "--num_sampling_steps", "3", "--cfg_scale", "2.0", "--classes", "[2, 5]", "--out_dir", str(out),
-                    "--save_images", "false", "--mindspore_mode", "graph"], env_extra={"OMP_NUM_THREADS": "2"},
+                    "--save_images", "false", "--mindspore_mode", "graph"], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
                    cwd=tmp_path)
         info = json.loads((out / "info.json").read_text())
         assert info["recipe"]["objective"] == "flow" and info["mindspore_mode"] == "graph"
@@ -156,7 +156,7 @@ if __name__ != "__main__":
         run_dir.mkdir()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
                    PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-        port = str(8200 + os.getpid() % 500)
+        port = free_port()
         proc = subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--join", "True",
                                "--master_port", port, "--log_dir", str(tmp_path / "logs"),
                                str(Path(__file__).resolve()), "worker", str(run_dir), "--max_steps", "2"],
@@ -172,7 +172,7 @@ if __name__ != "__main__":
 
 
     def test_a_skipped_nonfinite_step_changes_nothing(tmp_path):
-        run_python([str(Path(__file__).resolve()), "poisoned", str(tmp_path)], env_extra={"OMP_NUM_THREADS": "2"},
+        run_python([str(Path(__file__).resolve()), "poisoned", str(tmp_path)], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
                    cwd=tmp_path)
         weights = np.load(tmp_path / "weights.npz")
         assert weights["nonfinite"].size == 0
@@ -192,7 +192,7 @@ if __name__ != "__main__":
         run_dir.mkdir()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", DIE_AFTER_CHECKPOINT="0000002.ckpt",
                    PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-        port = str(8700 + os.getpid() % 500)
+        port = free_port()
 
         def launch():
             return subprocess.run(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--join", "True",

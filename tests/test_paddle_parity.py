@@ -233,7 +233,7 @@ def results(tmp_path_factory):
     out = {}
     for fw in ("torch", "paddle"):  # one framework per interpreter
         path = folder / f"{fw}.npz"
-        run_python(["-c", WORKER, fw, str(inputs), str(path)], env_extra={"OMP_NUM_THREADS": "2"})
+        run_python(["-c", WORKER, fw, str(inputs), str(path)], env_extra={"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
         out[fw] = dict(np.load(path))
     report = {}
     yield out["torch"], out["paddle"], report

@@ -47,7 +47,7 @@ np.savez(out / "vae_check.npz", latents=latents.numpy(), raw=raw.numpy(), decode
 
 
 def run(args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"])
     proc = subprocess.run([str(PADDLE_VAE_PYTHON), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

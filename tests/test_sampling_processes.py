@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tests.conftest import REPO_ROOT, run_python  # noqa: E402
+from tests.conftest import REPO_ROOT, free_port, run_python  # noqa: E402
 from tests.test_torch_train import TINY  # noqa: E402
 
 SAMPLE = ["--sampler", "ddim", "--num_sampling_steps", "3", "--classes", "all", "--num_per_class", "3",
@@ -74,7 +74,7 @@ def test_paddle_launch_two_processes_give_the_single_process_images(checkpoint, 
 def test_msrun_two_workers_give_the_single_process_images(checkpoint, tmp_path):
     pytest.importorskip("mindspore")
     single = one_process("mindspore", checkpoint, tmp_path / "one")
-    port = str(8300 + os.getpid() % 500)
+    port = free_port()
     multi = launched(["msrun", "--worker_num", "2", "--local_worker_num", "2", "--join", "True", "--master_port", port,
                       "--log_dir", str(tmp_path / "logs"), str(REPO_ROOT / "backends/mindspore/sample.py"),
                       "--ckpt", str(checkpoint), "--out_dir", str(tmp_path / "two"), *SAMPLE], tmp_path / "two")

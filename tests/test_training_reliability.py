@@ -34,7 +34,7 @@ def steps_on_disk(run_dir):
 
 def test_the_diverging_command_stops_cleanly_and_writes_no_nan(tmp_path, repo_root):
     run_dir = tmp_path / "nanrun"
-    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"])
     proc = subprocess.run([sys.executable, "-m", "backends.torch.train", "-c", "configs/train/digits.yaml",
                            "--lr", "1e4", "--grad_clip", "0", "--max_steps", "60", "--ckpt_every", "20",
                            "--run_dir", str(run_dir), "--resume", "null"],
