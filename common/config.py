@@ -24,6 +24,7 @@ from common.recipe import (
     ALL_SAMPLERS, DATA_KINDS, FLOW_LOSS_WEIGHTS, FLOW_PATHS, FLOW_PREDICTIONS, FLOW_TIME_SAMPLINGS, NOISE_SCHEDULES,
     OBJECTIVES,
 )
+from common.scan_orders import SCAN_ORDER_CHOICES, TOKEN_SHIFT_CHOICES
 from common.spec import FIELD_NAMES as SPEC_FIELDS
 from common.spec import POS_EMBED_CHOICES, SCAN_CHOICES
 
@@ -52,14 +53,15 @@ SPEC_OVERRIDE_TYPES = {
     "hidden_size": "int", "depth": "int", "patch_size": "int", "head_size": "int",
     "ffn_mult": "int", "num_classes": "int", "class_dropout_prob": "float",
     "learn_sigma": "bool", "pos_embed": "str", "scan": "str", "skip": "bool",
-    "mix_lora_rank": "int", "decay_lora_rank": "int",
+    "mix_lora_rank": "int", "decay_lora_rank": "int", "token_shift": "str", "scan_order": "str",
 }
 assert set(SPEC_OVERRIDE_TYPES) <= set(SPEC_FIELDS)
 
 _SPEC_OPTIONS = [
     Option(name, kind, None, f"model override: spec field '{name}' (null = the preset's value"
            + (", or the dataset's class count" if name == "num_classes" else "") + ")",
-           choices={"pos_embed": POS_EMBED_CHOICES, "scan": SCAN_CHOICES}.get(name), nullable=True)
+           choices={"pos_embed": POS_EMBED_CHOICES, "scan": SCAN_CHOICES, "token_shift": TOKEN_SHIFT_CHOICES,
+                    "scan_order": SCAN_ORDER_CHOICES}.get(name), nullable=True)
     for name, kind in SPEC_OVERRIDE_TYPES.items()
 ]
 

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from common.scan_orders import SCAN_ORDER_CHOICES, TOKEN_SHIFT_CHOICES
+
 # Numerical constants shared by every backend (changing one changes the model).
 LAYER_NORM_EPS = 1e-6  # DiT's adaLN LayerNorm (no affine parameters)
 GROUP_NORM_EPS = 64e-5  # RWKV-6 ln_x: 1e-5 * head_size_divisor**2 with divisor 8
@@ -46,6 +48,10 @@ class DiRSpec:
     mix_lora_rank: int = 32  # tanh LoRA giving the five data-dependent token-shift mixes
     decay_lora_rank: int = 64  # tanh LoRA giving the data-dependent decay
     condition: str = "class"  # which condition embedder feeds c = t_emb + y_emb
+    # Parameter-free 2-D layout (common/scan_orders.py): what a token mixes with, and the order
+    # each block scans in. Specs saved before these fields existed read as raster/raster.
+    token_shift: str = "raster"
+    scan_order: str = "raster"
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -188,6 +194,15 @@ def validate(spec: DiRSpec) -> DiRSpec:
         _fail("pos_embed", spec.pos_embed, f"allowed: {', '.join(POS_EMBED_CHOICES)}")
     if spec.scan not in SCAN_CHOICES:
         _fail("scan", spec.scan, f"allowed: {', '.join(SCAN_CHOICES)}")
+    if spec.token_shift not in TOKEN_SHIFT_CHOICES:
+        _fail("token_shift", spec.token_shift, f"allowed: {', '.join(TOKEN_SHIFT_CHOICES)}")
+    if spec.scan_order not in SCAN_ORDER_CHOICES:
+        _fail("scan_order", spec.scan_order, f"allowed: {', '.join(SCAN_ORDER_CHOICES)}")
+    if spec.token_shift == "q_shift" and spec.hidden_size % 4:
+        _fail("hidden_size", spec.hidden_size, "must be a multiple of 4 for q_shift (four channel quarters)")
+    if spec.token_shift == "q_shift" and spec.scan == "causal":
+        _fail("token_shift", spec.token_shift, "q_shift mixes the right and lower neighbours too, so it is not "
+              "causal; use scan: bidirectional, or token_shift: raster with scan: causal")
     if spec.condition not in CONDITION_CHOICES:
         _fail("condition", spec.condition, f"allowed: {', '.join(CONDITION_CHOICES)}")
     if spec.skip and spec.depth < 2:

@@ -37,26 +37,6 @@ def run_python(code_or_args, *, env_extra=None, timeout=600, cwd=REPO_ROOT):
     return proc
 
 
-def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist's ``--dist loadgroup``: tests that share a module-scoped fixture of
-    this suite (one training run, one parity case) run in one worker, so the fixture is built once;
-    with a parametrized one (MindSpore parity's pynative / graph), one group per value. Every other
-    test is a group of its own, so the two workers share the long tests evenly."""
-    for item in items:
-        definitions = getattr(item, "_fixtureinfo", None)
-        shared = []
-        for name in item.fixturenames:
-            defs = definitions.name2fixturedefs.get(name) if definitions else None
-            if defs and defs[-1].baseid and defs[-1].scope != "function":  # baseid "": pytest's own
-                shared.append(name)
-        if shared:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            group = item.module.__name__ + "".join(f"[{params[n]}]" for n in shared if n in params)
-        else:
-            group = item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def free_port() -> str:
     """A TCP port nobody listens on now (tests run in parallel workers: no fixed ports)."""
     import socket

@@ -4,13 +4,13 @@ Each framework runs in its own interpreter (``WORKER`` below) and writes its res
 to an .npz; the tests compare them with the relative error ||a - b|| / ||b||:
 
 * model forward for each option family (causal / bidirectional scan, skips, each
-  pos-embed kind, learn_sigma on and off): <= 1e-5;
+  pos-embed kind, learn_sigma on and off, q_shift, alternate and zigzag orders): <= 1e-5;
 * WKV6 (chunked, a strong-decay sequence that takes the sub-chunk path): <= 1e-5;
 * training loss and every parameter's gradient: <= 1e-4;
 * parameters (and EMA) after 10 AdamW steps (lr 1e-4, DiT's) with warmup, cosine decay,
   weight decay and clipping, through each backend's own ``train_step``: <= 1e-5;
 * a 20-step DDIM sample with classifier-free guidance from the same noise: <= 1e-4;
-* flow matching (GVP path, logit-normal times): the loss and every gradient <= 1e-4, and
+* flow matching (GVP path, logit-normal times, q_shift with zigzag orders): the loss and every gradient <= 1e-4, and
   20-step Euler, 20-step Heun and 20-step SDE samples with guidance from the same noise
   (the samplers draw it from the same numpy seed, in the same order): <= 1e-4.
 
@@ -160,6 +160,9 @@ FAMILIES = {
     "pos_learned": {"pos_embed": "learned"},
     "pos_none": {"pos_embed": "none"},
     "no_learn_sigma": {"learn_sigma": False, "scan": "causal"},
+    "q_shift": {"token_shift": "q_shift"},
+    "alternate_causal": {"scan": "causal", "scan_order": "alternate"},
+    "zigzag_q_shift_skip": {"token_shift": "q_shift", "scan_order": "zigzag", "skip": True, "depth": 4},
 }
 FORWARD_TOL, WKV_TOL, GRAD_TOL, ADAMW_TOL, DDIM_TOL, FLOW_TOL = 1e-5, 1e-5, 1e-4, 1e-5, 1e-4, 1e-4
 
@@ -216,7 +219,9 @@ def _inputs():
     data["recipe_ddpm"] = np.array(recipe_from_config({"objective": "ddpm", "diffusion_steps": 1000,
                                                        "noise_schedule": "linear"}).to_json())
 
-    flow_spec = build_spec("DiR-Tiny/2", **{**BASE, "learn_sigma": False, "skip": True})
+    # the 2-D layout too, so its gathers are tied in the gradients and the samplers
+    flow_spec = build_spec("DiR-Tiny/2", **{**BASE, "learn_sigma": False, "skip": True, "token_shift": "q_shift",
+                                            "scan_order": "zigzag"})
     data["spec_flow"] = np.array(flow_spec.to_json())
     data.update({f"w_flow.{k}": v for k, v in _perturbed(flow_spec, 13).items()})
     data["recipe_flow"] = np.array(recipe_from_config({"objective": "flow", "flow_path": "gvp",

@@ -42,6 +42,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from backends.mindspore.wkv import default_branch, wkv6
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
+from common.scan_orders import BlockLayout
 from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
 
 EXECUTION_MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
@@ -76,17 +77,28 @@ def modulate(x, shift, scale):
     return x * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
 
 
-def token_shift(x, bidirectional: bool):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+def token_shift(x, bidirectional: bool, q_shift_index=None):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
+    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
+    quarter from one of the four grid neighbours.
 
-    x [N, T, D]; tokens past either end are zero.
+    x [N, T, D]; tokens past either end (or the grid's border) are zero.
     """
     zero = ops.zeros_like(x[:, :1])
+    if q_shift_index is not None:
+        n, t, d = x.shape
+        quarters = ops.concat([x, zero], 1).reshape(n, 4 * (t + 1), d // 4)
+        return ops.gather(quarters, q_shift_index, 1).reshape(n, t, d)
     previous = ops.concat([zero, x[:, :-1]], 1)
     if not bidirectional:
         return previous
     following = ops.concat([x[:, 1:], zero], 1)
     return 0.5 * (previous + following)
+
+
+def index_buffer(values):
+    """A constant int32 index (a graph constant, never saved), or None."""
+    return None if values is None else Tensor(values.astype(np.int32))
 
 
 class LayerNorm(nn.Cell):
@@ -163,14 +175,15 @@ class LabelEmbedder(nn.Cell):
 class TimeMix(nn.Cell):
     """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
 
-    [N, T, D] -> [N, T, D].
+    [N, T, D] -> [N, T, D], the tokens in the block's order.
     """
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d = spec.hidden_size
         self.num_heads, self.head_size = spec.num_heads, spec.head_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.q_shift_index = index_buffer(layout.q_shift_index)
         self.wkv_branch = default_branch()
         zeros = lambda *shape: Parameter(Tensor(np.zeros(shape, np.float32)))  # noqa: E731
         self.time_maa_x = zeros(d)
@@ -194,7 +207,7 @@ class TimeMix(nn.Cell):
 
     def construct(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         mixed = x + delta * self.time_maa_x
         lora = ops.tanh(ops.matmul(mixed, self.time_maa_w1)).reshape(n * t, 5, -1).swapaxes(0, 1)  # [5, NT, R]
         m = ops.bmm(lora, self.time_maa_w2).reshape(5, n, t, d)
@@ -217,10 +230,11 @@ class TimeMix(nn.Cell):
 class ChannelMix(nn.Cell):
     """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d, f = spec.hidden_size, spec.ffn_hidden_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.q_shift_index = index_buffer(layout.q_shift_index)
         self.time_maa_k = Parameter(Tensor(np.zeros(d, np.float32)))
         self.time_maa_r = Parameter(Tensor(np.zeros(d, np.float32)))
         self.key = nn.Dense(d, f, has_bias=False)
@@ -228,33 +242,42 @@ class ChannelMix(nn.Cell):
         self.value = nn.Dense(f, d, has_bias=False)
 
     def construct(self, x):
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         k = ops.relu(self.key(x + delta * self.time_maa_k))
         return ops.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k * k)
 
 
 class DiRBlock(nn.Cell):
-    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+    """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
-    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D], tokens in raster order. A block
+    whose scan order is not raster gathers its tokens into that order and back
+    (``common/scan_orders.py``); every op but the shift and the scan is per token.
     """
 
-    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+    def __init__(self, spec: DiRSpec, index: int):
         super().__init__()
         d = spec.hidden_size
-        self.skip_linear = nn.Dense(2 * d, d) if fuses_skip else None
+        layout = BlockLayout(spec, index)
+        self.skip_linear = nn.Dense(2 * d, d) if spec.is_out_block(index) else None
+        self.order = index_buffer(layout.order)
+        self.inverse_order = index_buffer(layout.inverse)
         self.norm1 = LayerNorm(LAYER_NORM_EPS)
-        self.att = TimeMix(spec)
+        self.att = TimeMix(spec, layout)
         self.norm2 = LayerNorm(LAYER_NORM_EPS)
-        self.ffn = ChannelMix(spec)
+        self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 6 * d))
 
     def construct(self, x, c, skip=None):
         if self.skip_linear is not None:
             x = self.skip_linear(ops.concat([x, skip], -1))
+        if self.order is not None:
+            x = ops.gather(x, self.order, 1)
         shift1, scale1, gate1, shift2, scale2, gate2 = ops.split(self.adaLN_modulation(c), c.shape[1], 1)
         x = x + gate1.expand_dims(1) * self.att(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.expand_dims(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        if self.order is not None:
+            x = ops.gather(x, self.inverse_order, 1)
         return x
 
 
@@ -291,7 +314,7 @@ class DiR(nn.Cell):
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
         self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
-        self.blocks = nn.CellList([DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks)])
+        self.blocks = nn.CellList([DiRBlock(spec, i) for i in range(spec.num_blocks)])
         self.final_layer = FinalLayer(spec)
         # The skip wiring as plain ints (a Graph-mode construct reads constants, not spec methods).
         self.num_in_blocks = spec.num_in_blocks

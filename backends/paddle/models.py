@@ -18,6 +18,7 @@ import paddle.nn.functional as F
 
 from backends.paddle.wkv import wkv6
 from common.params import check_state, init_canonical, sincos_pos_embed_2d
+from common.scan_orders import BlockLayout
 from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
 
 
@@ -26,12 +27,18 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def token_shift(x, bidirectional: bool):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+def token_shift(x, bidirectional: bool, q_shift_index=None):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
+    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
+    quarter from one of the four grid neighbours.
 
-    x [N, T, D]; tokens past either end are zero.
+    x [N, T, D]; tokens past either end (or the grid's border) are zero.
     """
     zero = paddle.zeros_like(x[:, :1])
+    if q_shift_index is not None:
+        n, t, d = x.shape
+        quarters = paddle.concat([x, zero], axis=1).reshape([n, 4 * (t + 1), d // 4])
+        return paddle.index_select(quarters, q_shift_index, axis=1).reshape([n, t, d])
     previous = paddle.concat([zero, x[:, :-1]], axis=1)
     if not bidirectional:
         return previous
@@ -89,17 +96,23 @@ class LabelEmbedder(nn.Layer):
         return self.embedding_table(labels)
 
 
+def index_buffer(values):
+    """A constant int64 index (moves with the layer, never saved), or None."""
+    return None if values is None else paddle.to_tensor(values)
+
+
 class TimeMix(nn.Layer):
     """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
 
-    [N, T, D] -> [N, T, D].
+    [N, T, D] -> [N, T, D], the tokens in the block's order.
     """
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d = spec.hidden_size
         self.num_heads, self.head_size = spec.num_heads, spec.head_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.register_buffer("q_shift_index", index_buffer(layout.q_shift_index), persistable=False)
         for branch in ("x", "w", "k", "v", "r", "g"):
             setattr(self, f"time_maa_{branch}", _zeros_parameter(self, [d]))
         self.time_maa_w1 = _zeros_parameter(self, [d, 5 * spec.mix_lora_rank])
@@ -117,7 +130,7 @@ class TimeMix(nn.Layer):
 
     def forward(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         mixed = x + delta * self.time_maa_x
         lora = paddle.tanh(mixed @ self.time_maa_w1).reshape([n * t, 5, -1]).transpose([1, 0, 2])  # [5, NT, R]
         mw, mk, mv, mr, mg = paddle.bmm(lora, self.time_maa_w2).reshape([5, n, t, d]).unbind(0)
@@ -139,10 +152,11 @@ class TimeMix(nn.Layer):
 class ChannelMix(nn.Layer):
     """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d, f = spec.hidden_size, spec.ffn_hidden_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.register_buffer("q_shift_index", index_buffer(layout.q_shift_index), persistable=False)
         self.time_maa_k = _zeros_parameter(self, [d])
         self.time_maa_r = _zeros_parameter(self, [d])
         self.key = nn.Linear(d, f, bias_attr=False)
@@ -150,33 +164,42 @@ class ChannelMix(nn.Layer):
         self.value = nn.Linear(f, d, bias_attr=False)
 
     def forward(self, x):
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         k = F.relu(self.key(x + delta * self.time_maa_k)) ** 2
         return F.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
 
 
 class DiRBlock(nn.Layer):
-    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+    """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
-    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D], tokens in raster order. A block
+    whose scan order is not raster gathers its tokens into that order and back
+    (``common/scan_orders.py``); every op but the shift and the scan is per token.
     """
 
-    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+    def __init__(self, spec: DiRSpec, index: int):
         super().__init__()
         d = spec.hidden_size
-        self.skip_linear = nn.Linear(2 * d, d) if fuses_skip else None
+        layout = BlockLayout(spec, index)
+        self.skip_linear = nn.Linear(2 * d, d) if spec.is_out_block(index) else None
+        self.register_buffer("order", index_buffer(layout.order), persistable=False)
+        self.register_buffer("inverse_order", index_buffer(layout.inverse), persistable=False)
         self.norm1 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
-        self.att = TimeMix(spec)
+        self.att = TimeMix(spec, layout)
         self.norm2 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
-        self.ffn = ChannelMix(spec)
+        self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.Sequential(nn.Silu(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, skip=None):
         if self.skip_linear is not None:
             x = self.skip_linear(paddle.concat([x, skip], axis=-1))
+        if self.order is not None:
+            x = paddle.index_select(x, self.order, axis=1)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, axis=1)
         x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        if self.order is not None:
+            x = paddle.index_select(x, self.inverse_order, axis=1)
         return x
 
 
@@ -213,7 +236,7 @@ class DiR(nn.Layer):
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
         self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
-        self.blocks = nn.LayerList([DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks)])
+        self.blocks = nn.LayerList([DiRBlock(spec, i) for i in range(spec.num_blocks)])
         self.final_layer = FinalLayer(spec)
         # Plain Python values for forward: paddle.jit.to_static (SOT) cannot trace the spec's methods.
         self.num_in_blocks = spec.num_in_blocks

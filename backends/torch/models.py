@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from backends.torch.wkv import wkv6
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
+from common.scan_orders import BlockLayout
 from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
 
 
@@ -24,12 +25,18 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def token_shift(x, bidirectional: bool):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}.
+def token_shift(x, bidirectional: bool, q_shift_index=None):
+    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
+    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
+    quarter from one of the four grid neighbours.
 
-    x [N, T, D]; tokens past either end are zero.
+    x [N, T, D]; tokens past either end (or the grid's border) are zero.
     """
     zero = torch.zeros_like(x[:, :1])
+    if q_shift_index is not None:
+        n, t, d = x.shape
+        quarters = torch.cat([x, zero], dim=1).reshape(n, 4 * (t + 1), d // 4)
+        return quarters.index_select(1, q_shift_index).reshape(n, t, d)
     previous = torch.cat([zero, x[:, :-1]], dim=1)
     if not bidirectional:
         return previous
@@ -82,17 +89,23 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def index_buffer(values):
+    """A constant int64 index (moves with the module, never saved), or None."""
+    return None if values is None else torch.from_numpy(values)
+
+
 class TimeMix(nn.Module):
     """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
 
-    [N, T, D] -> [N, T, D].
+    [N, T, D] -> [N, T, D], the tokens in the block's order.
     """
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d = spec.hidden_size
         self.num_heads, self.head_size = spec.num_heads, spec.head_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.register_buffer("q_shift_index", index_buffer(layout.q_shift_index), persistent=False)
         for branch in ("x", "w", "k", "v", "r", "g"):
             setattr(self, f"time_maa_{branch}", nn.Parameter(torch.zeros(d)))
         self.time_maa_w1 = nn.Parameter(torch.zeros(d, 5 * spec.mix_lora_rank))
@@ -110,7 +123,7 @@ class TimeMix(nn.Module):
 
     def forward(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         mixed = x + delta * self.time_maa_x
         lora = torch.tanh(mixed @ self.time_maa_w1).view(n * t, 5, -1).transpose(0, 1)  # [5, NT, R]
         mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, n, t, d).unbind(0)
@@ -132,10 +145,11 @@ class TimeMix(nn.Module):
 class ChannelMix(nn.Module):
     """RWKV channel mixing: sigmoid(Wr xr) * Wv(relu(Wk xk)^2). [N, T, D] -> [N, T, D]."""
 
-    def __init__(self, spec: DiRSpec):
+    def __init__(self, spec: DiRSpec, layout: BlockLayout):
         super().__init__()
         d, f = spec.hidden_size, spec.ffn_hidden_size
         self.bidirectional = spec.scan == "bidirectional"
+        self.register_buffer("q_shift_index", index_buffer(layout.q_shift_index), persistent=False)
         self.time_maa_k = nn.Parameter(torch.zeros(d))
         self.time_maa_r = nn.Parameter(torch.zeros(d))
         self.key = nn.Linear(d, f, bias=False)
@@ -143,33 +157,42 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(f, d, bias=False)
 
     def forward(self, x):
-        delta = token_shift(x, self.bidirectional) - x
+        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         k = torch.relu(self.key(x + delta * self.time_maa_k)) ** 2
         return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
 
 
 class DiRBlock(nn.Module):
-    """adaLN-Zero RWKV-6 block; out-blocks of a skip model first fuse their long skip.
+    """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
-    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D].
+    x [N, T, D], c [N, D], skip [N, T, D] or None -> [N, T, D], tokens in raster order. A block
+    whose scan order is not raster gathers its tokens into that order and back
+    (``common/scan_orders.py``); every op but the shift and the scan is per token.
     """
 
-    def __init__(self, spec: DiRSpec, fuses_skip: bool):
+    def __init__(self, spec: DiRSpec, index: int):
         super().__init__()
         d = spec.hidden_size
-        self.skip_linear = nn.Linear(2 * d, d) if fuses_skip else None
+        layout = BlockLayout(spec, index)
+        self.skip_linear = nn.Linear(2 * d, d) if spec.is_out_block(index) else None
+        self.register_buffer("order", index_buffer(layout.order), persistent=False)
+        self.register_buffer("inverse_order", index_buffer(layout.inverse), persistent=False)
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.att = TimeMix(spec)
+        self.att = TimeMix(spec, layout)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
-        self.ffn = ChannelMix(spec)
+        self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, skip=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        if self.order is not None:
+            x = x.index_select(1, self.order)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        if self.order is not None:
+            x = x.index_select(1, self.inverse_order)
         return x
 
 
@@ -206,7 +229,7 @@ class DiR(nn.Module):
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
         self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
-        self.blocks = nn.ModuleList(DiRBlock(spec, spec.is_out_block(i)) for i in range(spec.num_blocks))
+        self.blocks = nn.ModuleList(DiRBlock(spec, i) for i in range(spec.num_blocks))
         self.final_layer = FinalLayer(spec)
 
     @classmethod
