@@ -61,15 +61,35 @@ def build_model(setting: str, patch: int, seed: int):
     if setting == "dit":
         torch.manual_seed(seed)
         model = DiT(spec)
-        for block in model.blocks:  # adaLN-Zero, as DiT initialises it
-            torch.nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            torch.nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
-        torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
-        torch.nn.init.zeros_(model.final_layer.linear.weight)
-        torch.nn.init.zeros_(model.final_layer.linear.bias)
+        dit_initialize_weights(model)
         return model, spec
     return DiR.from_spec(spec, seed=seed), spec
+
+
+def dit_initialize_weights(model) -> None:
+    """DiT's own init (facebookresearch/DiT ``initialize_weights``): xavier-uniform linears with zero
+    bias, the patch projection as a linear, label table and timestep MLP N(0, 0.02), adaLN-Zero and a
+    zero final layer. (The first run of this bench, 2026-12-01, left PyTorch's defaults in place for
+    all but the zeros; its DiT row is marked so.)"""
+    import torch.nn as nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    proj = model.x_embedder.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 class Trainer:
@@ -278,6 +298,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--timing-steps", type=int, default=5)
     parser.add_argument("--timing-only", action="store_true", help="only the step-time ratios (no training runs)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the step-time ratios")
     parser.add_argument("--out", default=None, help="results prefix (default bench/results/<date>-scan-orders)")
     args = parser.parse_args(argv)
     threads = set_threads()
@@ -286,7 +307,7 @@ def main(argv=None) -> None:
     prefix = Path(args.out) if args.out else REPO_ROOT / "bench" / "results" / f"{date}-scan-orders"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     timing = {}
-    for patch in args.patch:
+    for patch in ([] if args.no_timing else args.patch):
         timing[str(patch)] = time_steps(patch, args.batch, args.timing_rounds, args.timing_steps)
         print(json.dumps({"timing": patch, **{k: round(v["ratio_median"], 3) for k, v in timing[str(patch)].items()}}),
               flush=True)
