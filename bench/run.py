@@ -45,26 +45,28 @@ MODES = {
     },
     # under 10 minutes on a 2-core CPU
     "quick": {
-        "wkv": dict(lengths=(256, 1024, 4096), batch=2, heads=6, head_size=64, warmup=1, repeats=5,
-                    ref_repeats={256: 3, 1024: 1, 4096: 1}),
-        "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=1, token_budget=4096,
-                        warmup=1, repeats=3, repeats_large=2, timeout=900),
+        "wkv": dict(lengths=(256, 1024, 4096), batch=2, heads=6, head_size=64, warmup=1, repeats=7,
+                    ref_repeats={256: 5, 1024: 5, 4096: 5}),
+        "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=2, token_budget=4096,
+                        warmup=1, repeats=5, repeats_large=5, timeout=900,
+                        models=("dit", "dir-causal", "dir-bidirectional", "dir-bidirectional+recompute")),
         "backends_demo": dict(config=dict(DEMO_STEP, warmup=2, repeats=10), timeout=900,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=2,
-                                     batch=8, warmup=1, repeats=3), timeout=900,
+                                     batch=8, warmup=2, repeats=5), timeout=900,
                          backends=("torch", "paddle", "mindspore")),
     },
     # the figures to quote; about 35-45 minutes on a 2-core CPU (see bench/README.md)
     "full": {
         "wkv": dict(lengths=(256, 1024, 4096), batch=2, heads=6, head_size=64, warmup=2, repeats=11,
-                    ref_repeats={256: 5, 1024: 3, 4096: 3}),
-        "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=2, token_budget=4096,
-                        warmup=1, repeats=5, repeats_large=3, timeout=1800),
-        "backends_demo": dict(config=dict(DEMO_STEP, warmup=3, repeats=30), timeout=1800,
+                    ref_repeats={256: 7, 1024: 5, 4096: 5}),
+        "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=4, token_budget=4096,
+                        warmup=1, repeats=7, repeats_large=5, timeout=1800,
+                        models=("dit", "dir-causal", "dir-bidirectional", "dir-bidirectional+recompute")),
+        "backends_demo": dict(config=dict(DEMO_STEP, warmup=3, repeats=15), timeout=1800, rounds=2,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=12,
-                                     batch=8, warmup=2, repeats=7), timeout=1800,
+                                     batch=8, warmup=2, repeats=5), timeout=1800, rounds=2,
                          backends=("torch", "paddle", "mindspore")),
     },
 }
@@ -128,6 +130,11 @@ def main(argv=None) -> dict:
         results["notes"].append("ran on CPU (no CUDA device); peak memory is the resident-set high-water "
                                 "mark (VmHWM) of a fresh child process per configuration")
     log(f"mode {args.mode} on {device}, {threads} threads, sections {' '.join(args.sections)}")
+    from bench.util import load_warning
+
+    if warning := load_warning("start"):
+        log(f"WARNING: {warning}")
+        results["notes"].append(warning)
 
     from bench.report import evaluate_targets, write_all
 
@@ -170,7 +177,8 @@ def main(argv=None) -> dict:
             cfg = plan[section]
             config = dict(cfg["config"], device=device)
             results[section] = run_backends(config, tuple(args.backends or cfg["backends"]),
-                                            timeout=cfg["timeout"], threads=threads, log=log)
+                                            timeout=cfg["timeout"], threads=threads, rounds=cfg.get("rounds", 1),
+                                            log=log)
         results["section_wall_s"][section] = time.perf_counter() - t0
         finish(complete=False)  # what is measured so far is on disk if a later section is cut short
 

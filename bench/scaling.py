@@ -11,9 +11,12 @@ fork+exec), reported twice: the whole process (interpreter, torch, model, inputs
 ``peak_mem_mb``) and the growth during the warm-up and timed steps (``step_peak_mb``:
 the high-water mark is reset to the current RSS just before them through
 /proc/self/clear_refs, so this is the activations, gradients and workspace a step
-needs). RSS sees every allocation torch makes on CPU (tracemalloc would not), but it
-is page-granular and includes allocator caching, so it is an upper bound. On CUDA it
-is ``torch.cuda.max_memory_allocated`` minus the bytes allocated before the steps.
+needs). RSS sees every allocation torch makes on CPU (tracemalloc would not); it is
+taken in a second child of one step run with ``MALLOC_MMAP_THRESHOLD_=131072``, so glibc
+returns every freed tensor to the system and the high-water mark follows the live tensors
+rather than the heap's cached pages (with glibc's adaptive default the same step read up to
+1.5x higher, and varied run to run). On CUDA it is ``torch.cuda.max_memory_allocated`` minus
+the bytes allocated before the steps.
 """
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ import math
 import time
 
 MODELS = ("dit", "dir-causal", "dir-bidirectional")
+RECOMPUTE_SUFFIX = "+recompute"  # "dir-bidirectional+recompute": the same model with recompute: true
+ALL_MODELS = MODELS + tuple(m + RECOMPUTE_SUFFIX for m in MODELS if m != "dit")
+# glibc serves allocations below its (adaptive, up to 32 MB) mmap threshold from the heap and keeps
+# freed heap pages resident, so the RSS high-water mark would count memory long freed. A fixed
+# 128 kB threshold maps every tensor of note on its own and unmaps it when freed: the peak RSS then
+# follows the live tensors. It slows allocation, so memory is measured in a child of its own.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def build(model: str, tokens: int, depth: int, width: int, head_size: int, patch: int = 2,
@@ -35,11 +45,15 @@ def build(model: str, tokens: int, depth: int, width: int, head_size: int, patch
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise SystemExit(f"--tokens {tokens} is not a square grid")
+    recompute = model.endswith(RECOMPUTE_SUFFIX)
+    model = model.removesuffix(RECOMPUTE_SUFFIX)
     scan = "causal" if model == "dir-causal" else "bidirectional"
     spec = build_spec("DiR-S/2", input_size=side * patch, patch_size=patch, in_channels=in_channels,
                       num_classes=num_classes, depth=depth, hidden_size=width, head_size=head_size,
                       scan=scan, mix_lora_rank=min(32, width // 4), decay_lora_rank=min(64, width // 2))
     net = DiT(spec) if model == "dit" else DiR.from_spec(spec, seed=0)
+    if recompute:
+        net.set_recompute(True)
     return net, spec
 
 
@@ -108,10 +122,11 @@ def fit_slope(tokens, times):
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
-def run_scaling(tokens_list, *, depth, width=384, head_size=64, token_budget=4096, warmup=1, repeats=3,
+def run_scaling(tokens_list, *, depth, width=384, head_size=64, token_budget=4096, warmup=1, repeats=5,
                 repeats_large=None, device="cpu", timeout=900, models=MODELS, threads=None, in_process=False,
                 log=print) -> dict:
-    """Every (model, tokens) pair in its own child; batch = max(1, token_budget // tokens).
+    """Every (model, tokens) pair in its own child; batch = max(1, token_budget // tokens). On CPU
+    the memory comes from a second child of one step (``MEMORY_CHILD_ENV``).
 
     ``in_process`` runs them here instead (no process start-up, no memory isolation: the
     smoke mode's shortcut, never used for figures).
@@ -134,6 +149,15 @@ def run_scaling(tokens_list, *, depth, width=384, head_size=64, token_budget=409
                     res = {"status": "OOM" if "memory" in str(err).lower() else "failed", "error": str(err)[-500:]}
             else:
                 res = run_child(args, timeout=timeout, threads=threads)
+                if res["status"] == "ok" and not device.startswith("cuda"):
+                    one_step = args[:args.index("--warmup")] + ["--warmup", "0", "--repeats", "1", "--device", device]
+                    mem = run_child(one_step, timeout=timeout, threads=threads, env_extra=MEMORY_CHILD_ENV)
+                    if mem["status"] == "ok":
+                        res.update(peak_mem_mb=mem["peak_mem_mb"], step_peak_mb=mem["step_peak_mb"],
+                                   memory_method=mem["memory_method"] + " (a one-step child with "
+                                   "MALLOC_MMAP_THRESHOLD_=131072, so freed tensors leave the RSS)")
+                    else:
+                        res.update(memory_status=mem["status"])
             res.update({"model": model, "tokens": tokens, "batch": batch, "depth": depth})
             rows.append(res)
             if res["status"] == "ok":
@@ -175,7 +199,7 @@ def summarise(rows, tokens_list, models=MODELS) -> dict:
 
 def build_parser():
     parser = argparse.ArgumentParser(description="One DiR/DiT forward+backward configuration (a bench child).")
-    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--model", choices=ALL_MODELS, required=True)
     parser.add_argument("--tokens", type=int, required=True, help="a square number: (input_size/2)^2")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--depth", type=int, default=1)

@@ -59,7 +59,32 @@ def measure(fn, *, warmup: int, repeats: int, device: str = "cpu") -> dict:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-            "warmup": warmup, "repeats": len(times)}
+            "spread": spread(times), "warmup": warmup, "repeats": len(times)}
+
+
+def spread(times) -> dict:
+    """How far repeated timings scatter: min, max, quartiles, and (max - min) / median."""
+    times = sorted(times)
+    mid = statistics.median(times)
+    if len(times) >= 2:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1 = q3 = mid
+    return {"min_s": times[0], "max_s": times[-1], "q1_s": q1, "q3_s": q3,
+            "range_over_median": (times[-1] - times[0]) / mid if mid > 0 else None}
+
+
+def load_warning(when: str) -> str | None:
+    """A warning when the 1-minute load average exceeds the core count (timings are then noise)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > cores:
+        return (f"load average {load:.1f} at the {when} is above the {cores} cores: other work shared the "
+                "machine, so absolute times are noisy (ratios measured side by side less so)")
+    return None
 
 
 def _proc_status_mb(field: str):
@@ -159,7 +184,7 @@ def looks_like_oom(text: str, returncode: int) -> bool:
             or "defaultcpuallocator" in lowered)
 
 
-def run_child(args: list[str], *, timeout: float, threads: int | None = None) -> dict:
+def run_child(args: list[str], *, timeout: float, threads: int | None = None, env_extra: dict | None = None) -> dict:
     """Run ``python args...`` from the repo root; return its tagged result or a status.
 
     The result dict always has ``status``: "ok", "OOM", "timeout", "failed" or
@@ -168,8 +193,8 @@ def run_child(args: list[str], *, timeout: float, threads: int | None = None) ->
     cmd = [sys.executable, *args]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(threads), capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**child_env(threads), **(env_extra or {})},
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         return {"status": "timeout", "timeout_s": timeout, "command": " ".join(args),
                 "stderr_tail": (err.stderr or "")[-1500:] if isinstance(err.stderr, str) else ""}

@@ -123,6 +123,9 @@ TRAIN_OPTIONS = [
     Option("ema_decay", "float", 0.9999, "EMA decay, applied every optimizer step"),
     Option("ema_warmup", "bool", False, "use decay min(ema_decay, (1+step)/(10+step)) so a short run's EMA is not stuck near init"),
     Option("precision", "str", "fp32", "fp32 | bf16 (autocast; weights and optimizer stay fp32)", PRECISIONS),
+    Option("recompute", "bool", False,
+           "gradient checkpointing per block: keep only block inputs, rerun each block in the backward pass "
+           "(less activation memory, about a third more compute, the same gradients)"),
     Option("seed", "int", 0, "global seed (each process uses seed * world_size + rank)"),
     Option("device", "str", "auto", "auto (cuda if available) | cpu | cuda", DEVICES),
     # run

@@ -176,6 +176,25 @@ def _warn_skip(path, err) -> None:
     warnings.warn(f"skipping unreadable file {path}: {err}", UnreadableItemWarning, stacklevel=3)
 
 
+def read_image(file, image_size: int, where=None) -> np.ndarray:
+    """An image file (path or binary file object) -> [3, S, S] float32 in [-1, 1]: RGB, ADM centre crop.
+
+    The header is read first, so an empty image or one of more than ``MAX_IMAGE_PIXELS``
+    pixels is refused before decoding. ``where`` names the file in errors (default: ``file``).
+    """
+    from PIL import Image
+
+    where = file if where is None else where
+    with Image.open(file) as image:  # reads the header only: the size is known before decoding
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise DataError(f"{where}: the image is {width}x{height} pixels")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise DataError(f"{where}: {width}x{height} = {width * height:,} pixels, more than MAX_IMAGE_PIXELS "
+                            f"({MAX_IMAGE_PIXELS:,}) in common/data.py; not decoding it (a decompression bomb?)")
+        return uint8_to_model(center_crop_arr(image.convert("RGB"), image_size))
+
+
 class ImageFolderSource:
     """One sub-folder per class (sorted names -> label ids), ADM centre crop to ``image_size``.
 
@@ -204,17 +223,7 @@ class ImageFolderSource:
         return len(self.samples)
 
     def read(self, index: int) -> np.ndarray:
-        from PIL import Image
-
-        path = self.samples[index][0]
-        with Image.open(path) as image:  # reads the header only: the size is known before decoding
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise DataError(f"{path}: the image is {width}x{height} pixels")
-            if width * height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: {width}x{height} = {width * height:,} pixels, more than MAX_IMAGE_PIXELS "
-                                f"({MAX_IMAGE_PIXELS:,}) in common/data.py; not decoding it (a decompression bomb?)")
-            return uint8_to_model(center_crop_arr(image.convert("RGB"), self.image_size))
+        return read_image(self.samples[index][0], self.image_size)
 
     def label(self, index: int) -> int:
         return self.samples[index][1]

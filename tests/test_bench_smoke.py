@@ -99,27 +99,41 @@ def test_demo_step_matches_the_demo_config():
     assert DEMO_STEP["model"] == config["model"]
 
 
-def test_missing_backend_script_is_not_available(monkeypatch, tmp_path):
-    from bench import train_steps
+def test_step_commands_and_result_parsing():
+    from bench.train_steps import command, merge_rounds, parse_result
 
-    monkeypatch.setattr(train_steps, "script_path", lambda backend: tmp_path / f"{backend}_train_step.py")
-    row = train_steps.run_backend("paddle", {"batch": 2}, timeout=10)
-    assert row["status"] == "not available" and "not installed" in row["reason"]
+    args = command("paddle", {"batch": 2, "depth": None, "recompute": True, "mindspore_mode": "graph"})
+    assert args == ["-m", "bench.train_step", "--backend", "paddle", "--batch", "2", "--recompute",
+                    "--mindspore-mode", "graph"]
+    with pytest.raises(KeyError, match="batch_size"):
+        command("torch", {"batch_size": 2})
+    assert parse_result('noise\nBENCH_RESULT {"step_s": 0.5}\n') == {"step_s": 0.5}
+    assert parse_result("no result line") is None
+    rounds = [{"status": "ok", "step_s": 2.0, "result": {"times_s": [1.0, 2.0, 3.0]}},
+              {"status": "timeout"},
+              {"status": "ok", "step_s": 5.0, "result": {"times_s": [4.0, 5.0, 6.0]}}]
+    row = merge_rounds(rounds)
+    assert row["step_s"] == 3.5 and row["rounds"] == 2 and row["failed_rounds"] == ["timeout"]
+    assert row["spread"]["min_s"] == 1.0 and row["spread"]["max_s"] == 6.0
 
 
-def test_option_map_and_result_parsing():
-    from bench.train_steps import _option_map, parse_result, step_seconds
+def test_spread_and_load_warning(monkeypatch):
+    import os
 
-    help_text = "usage: x [-h] [--batch-size BATCH_SIZE] [--warmup WARMUP] [--steps STEPS]\n  --depth DEPTH  blocks"
-    options = _option_map(help_text)
-    assert options == {"batch": "--batch-size", "warmup": "--warmup", "repeats": "--steps", "depth": "--depth"}
-    assert step_seconds(parse_result('noise\nBENCH_RESULT {"step_s": 0.5}\n')) == 0.5
-    assert step_seconds(parse_result('log line\n{"step_ms": 250.0}\n')) == 0.25
+    from bench import util
+
+    s = util.spread([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert (s["min_s"], s["max_s"], s["q1_s"], s["q3_s"]) == (1.0, 5.0, 2.0, 4.0)
+    assert s["range_over_median"] == pytest.approx(4.0 / 3.0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 1.0, 1.0))
+    assert "load average 99.0" in util.load_warning("start")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert util.load_warning("start") is None
 
 
 @pytest.mark.parametrize("backend", ["paddle", "mindspore"])
 def test_backend_step_timer_runs_the_demo_step(backend):
-    """Each backend's step timer builds the demo spec, trains and reports a positive step time
+    """Each backend's trainer step builds the demo spec, trains and reports a positive step time
     with a finite loss (the --smoke run above only times torch)."""
     pytest.importorskip(backend)
     from bench.train_steps import run_backend
@@ -130,5 +144,6 @@ def test_backend_step_timer_runs_the_demo_step(backend):
     assert row["status"] == "ok", row
     result = row["result"]
     assert result["tokens"] == 16 and result["spec"]["patch_size"] == 4 and result["spec"]["depth"] == 1
-    assert _positive(row["step_s"]) and len(result["times_s"]) == 2
+    assert _positive(row["step_s"]) and len(result["times_s"]) == 2 and result["backend"] == backend
+    assert "TrainAdapter" in result["step"]
     assert math.isfinite(result["loss_first"]) and math.isfinite(result["loss_last"])

@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute as fleet_recompute
 
 from backends.paddle.wkv import wkv6
 from common.params import check_state, init_canonical, sincos_pos_embed_2d
@@ -243,6 +244,12 @@ class DiR(nn.Layer):
         self.out_blocks = [spec.is_out_block(i) for i in range(spec.num_blocks)]
         self.out_channels = spec.out_channels
         self.patch_size, self.grid_size = spec.patch_size, spec.grid_size
+        self.recompute = False
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Gradient checkpointing per block: training keeps only each block's input and reruns
+        the block in the backward pass (about a third more compute; same gradients)."""
+        self.recompute = bool(enabled)
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
@@ -280,8 +287,13 @@ class DiR(nn.Layer):
             x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         in_block_outputs = []
+        recompute = self.recompute and self.training and paddle.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c, in_block_outputs.pop() if self.out_blocks[i] else None)
+            skip = in_block_outputs.pop() if self.out_blocks[i] else None
+            if recompute:
+                x = fleet_recompute(block, x, c, skip, use_reentrant=False)
+            else:
+                x = block(x, c, skip)
             if i < self.num_in_blocks:
                 in_block_outputs.append(x)
         return self.unpatchify(self.final_layer(x, c))

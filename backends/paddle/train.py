@@ -177,6 +177,7 @@ class TrainAdapter(TrainBackend):
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"])
+        self.model.set_recompute(config["recompute"])
         self.ema = frozen_copy(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.objective = build_objective(recipe, spec.learn_sigma, self.device)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from backends.torch.wkv import wkv6
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
@@ -231,6 +232,12 @@ class DiR(nn.Module):
         self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
         self.blocks = nn.ModuleList(DiRBlock(spec, i) for i in range(spec.num_blocks))
         self.final_layer = FinalLayer(spec)
+        self.recompute = False
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Gradient checkpointing per block: training keeps only each block's input and reruns
+        the block in the backward pass (about a third more compute; same gradients)."""
+        self.recompute = bool(enabled)
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
@@ -266,8 +273,13 @@ class DiR(nn.Module):
             x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         in_block_outputs = []
+        recompute = self.recompute and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c, in_block_outputs.pop() if self.spec.is_out_block(i) else None)
+            skip = in_block_outputs.pop() if self.spec.is_out_block(i) else None
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, skip, use_reentrant=False)
+            else:
+                x = block(x, c, skip)
             if i < self.spec.num_in_blocks:
                 in_block_outputs.append(x)
         return self.unpatchify(self.final_layer(x, c))

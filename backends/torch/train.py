@@ -118,6 +118,7 @@ class TrainAdapter(TrainBackend):
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"]).to(self.torch_device)
+        self.model.set_recompute(config["recompute"])
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, config)
         self.objective = build_objective(recipe, spec.learn_sigma, self.torch_device)

@@ -149,37 +149,174 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     return scores.reshape(*lead, size, size)
 
 
-def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
-    """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
-    batch, heads, length, dk = r.shape
-    dv = v.shape[-1]
-    if length < chunk_size:  # one chunk, padded only up to whole sub-chunks
-        chunk_size = -(-length // sub_chunk_size) * sub_chunk_size
-    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
-    # 4x4 grid would otherwise be computed as 64).
-    chunk_size = min(chunk_size, -(-length // sub_chunk_size) * sub_chunk_size)
-    pad = (-length) % chunk_size
-    if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
-        r, k, v, w = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, w))
-    n_chunks = r.shape[2] // chunk_size
-    r, k, v, w = (x.reshape(batch, heads, n_chunks, chunk_size, x.shape[-1]) for x in (r, k, v, w))
-    decay_before = _exclusive_cumsum(w, dim=3)  # w summed from chunk start to t-1, <= 0
+def _chunk_transitions(k, v, w):
+    """What each chunk does to the state: S_next = chunk_decay * S + chunk_kv.
 
-    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)  # [B, H, N, L, L]
-    out = scores @ v
-    if n_chunks > 1:  # the state at each chunk start, from a short loop over chunks
-        decay_after = _reverse_exclusive_cumsum(w, dim=3)  # w summed from s+1 to chunk end, <= 0
-        chunk_decay = torch.exp(w.sum(dim=3))  # [B, H, N, K]
-        chunk_kv = (k * torch.exp(decay_after)).transpose(-1, -2) @ v  # [B, H, N, K, V]
-        state = r.new_zeros(batch, heads, dk, dv)
-        states = []
-        # unbind once: indexing chunk c inside the loop would make the backward pass build a
-        # full-size gradient per chunk, O(T^2) in all
-        for decay, kv in zip(chunk_decay.unsqueeze(-1).unbind(2), chunk_kv.unbind(2)):
-            states.append(state)
-            state = decay * state + kv
-        out = out + (r * torch.exp(decay_before)) @ torch.stack(states, dim=2)
-    return out.reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :length]
+    k, v, w: [..., N, L, K]. Returns chunk_decay [..., N, K] and chunk_kv [..., N, K, V].
+    """
+    decay_after = _reverse_exclusive_cumsum(w, dim=-2)  # w summed from s+1 to chunk end, <= 0
+    return torch.exp(w.sum(dim=-2)), (k * torch.exp(decay_after)).transpose(-1, -2) @ v
+
+
+def _chunk_states(chunk_decay, chunk_kv):
+    """The state at each chunk's start [..., N, K, V], from a short loop over chunks; None for a
+    single chunk (its start state is zero)."""
+    if chunk_kv.shape[-3] == 1:
+        return None
+    state = torch.zeros_like(chunk_kv[..., 0, :, :])
+    states = []
+    # unbind once: indexing chunk c inside the loop would make a backward pass build a
+    # full-size gradient per chunk, O(T^2) in all
+    for decay, kv in zip(chunk_decay.unsqueeze(-1).unbind(-3), chunk_kv.unbind(-3)):
+        states.append(state)
+        state = decay * state + kv
+    return torch.stack(states, dim=-3)
+
+
+def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
+    """Each chunk's output given the state at its start: within-chunk scores times v plus the
+    state read out through the decay from the chunk start. [..., N, L, *] -> [..., N, L, V]."""
+    decay_before = _exclusive_cumsum(w, dim=-2)  # w summed from chunk start to t-1, <= 0
+    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)  # [..., N, L, L]
+    if states is None:
+        return scores @ v
+    return scores @ v + (r * torch.exp(decay_before)) @ states
+
+
+# Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
+# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
+# chunks are several times the inputs' size, so the group bounds that working memory whatever
+# the sequence length, and keeps each group's products large enough to run at full speed.
+GROUP_ELEMENTS = 1 << 22
+
+
+def _chunk_groups(x):
+    """Slices of the chunk axis (-3) of a chunked [..., N, L, K] tensor, a group at a time."""
+    n_chunks = x.shape[-3]
+    per_chunk = max(1, x.numel() // n_chunks)
+    size = max(1, GROUP_ELEMENTS // per_chunk)
+    return [slice(start, start + size) for start in range(0, n_chunks, size)]
+
+
+def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
+    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
+    groups = _chunk_groups(r)
+    if len(groups) == 1:
+        return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
+    return torch.cat([_chunk_outputs(*(x[..., part, :, :] for x in (r, k, v, w, states)), sub_chunk_size)
+                      for part in groups], dim=-3)
+
+
+def _to_chunks(x, bidirectional: bool, chunk_size: int):
+    """[B, H, T, K] -> [B', H, N, L, K]: the reversed sequence appended on the batch axis when
+    bidirectional (both directions in one batched scan), zero-padded to whole chunks (trailing
+    zeros and zero log-decay never reach earlier tokens)."""
+    if bidirectional:
+        x = torch.cat([x, x.flip(2)], dim=0)
+    pad = (-x.shape[2]) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(x.shape[0], x.shape[1], -1, chunk_size, x.shape[-1])
+
+
+def _from_chunks(x, bidirectional: bool, length: int):
+    """The adjoint of ``_to_chunks``: [B', H, N, L, V] -> [B, H, T, V], the directions summed."""
+    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :length]
+    if bidirectional:
+        half = x.shape[0] // 2
+        x = x[:half] + x[half:].flip(2)
+    return x
+
+
+def _prepare(r, k, v, w, u, bidirectional: bool, chunk_size: int):
+    """[B, T, H, K] inputs -> ([B, H, T, K] r, k, v; u; chunked r, k, v, w), in the compute dtype."""
+    compute = _compute_dtype(r.dtype)
+    r, k, v, w = (x.to(compute).transpose(1, 2) for x in (r, k, v, w))
+    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+    w = w.clamp(min=LOG_DECAY_FLOOR)
+    chunks = [_to_chunks(x, bidirectional, chunk_size) for x in (r, k, v, w)]
+    return r, k, v, u.to(compute), chunks
+
+
+def _bonus(r, k, v, u):
+    """The current token's own term r_t diag(u) k_t^T v_t, for [B, H, T, K] inputs."""
+    return (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
+
+
+def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
+    """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked inputs.
+
+    The state's gradient runs backwards through the chunks in closed form,
+    dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
+    chunks are independent, so each group's local gradients come from autograd over the
+    recomputed group: exactly the gradients autograd gives over the whole forward pass.
+    """
+    if states is None:  # one chunk: nothing flows between chunks
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (r, k, v, w)]
+            return torch.autograd.grad(_chunk_outputs(*leaves, None, sub_chunk_size), leaves, grad_out)
+    n_chunks = r.shape[-3]
+    read_grad = (r * torch.exp(_exclusive_cumsum(w, dim=-2))).transpose(-1, -2) @ grad_out  # [..., N, K, V]
+    chunk_decay = torch.exp(w.sum(dim=-2)).unsqueeze(-1)
+    after = [None] * n_chunks  # after[c]: d loss / d (the state after chunk c)
+    following = torch.zeros_like(read_grad[..., 0, :, :])
+    for c in range(n_chunks - 1, -1, -1):
+        after[c] = following
+        following = read_grad[..., c, :, :] + chunk_decay[..., c, :, :] * following
+    after = torch.stack(after, dim=-3)
+    grads = [torch.empty_like(x) for x in (r, k, v, w)]
+    for part in _chunk_groups(r):
+        with torch.enable_grad():
+            leaves = [x[..., part, :, :].detach().requires_grad_() for x in (r, k, v, w)]
+            start_state = states[..., part, :, :]
+            out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
+            decay, kv = _chunk_transitions(*leaves[1:])
+            next_state = decay.unsqueeze(-1) * start_state + kv
+            local = torch.autograd.grad((out, next_state), leaves, (grad_out[..., part, :, :], after[..., part, :, :]))
+        for full, g in zip(grads, local):
+            full[..., part, :, :] = g
+    return grads
+
+
+def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
+    """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states or None)."""
+    length = r.shape[1]
+    r_t, k_t, v_t, u_c, chunks = _prepare(r, k, v, w, u, bidirectional, chunk_size)
+    n_chunks = chunks[0].shape[2]
+    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
+    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size), bidirectional, length)
+    return (scan + _bonus(r_t, k_t, v_t, u_c)).transpose(1, 2).to(r.dtype), states
+
+
+class _WKV6(torch.autograd.Function):
+    """WKV6 with a hand-written backward that keeps only the inputs and the chunk-start states
+    [B', H, N, K, V] (one input's size per direction at K = V = 64). Everything else (layout
+    copies, scores, sub-chunk keys, exponentials) is recomputed a group of chunks at a time in
+    the backward pass, so its memory does not grow with the sequence."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
+        out, states = _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+        ctx.save_for_backward(r, k, v, w, u, states)
+        ctx.options = (bidirectional, chunk_size, sub_chunk_size)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        bidirectional, chunk_size, sub_chunk_size = ctx.options
+        *inputs, states = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in inputs]
+            r_t, k_t, v_t, u_c, chunks = _prepare(*leaves, bidirectional, chunk_size)
+            grad_t = grad_out.transpose(1, 2).to(r_t.dtype)  # [B, H, T, V]
+            chunk_grads = _chunked_scan_backward(*(x.detach() for x in chunks), states,
+                                                 _to_chunks(grad_t, bidirectional, chunk_size), sub_chunk_size)
+            grads = torch.autograd.grad((*chunks, _bonus(r_t, k_t, v_t, u_c)), leaves, (*chunk_grads, grad_t),
+                                        allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+        return (*grads, None, None, None)
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
@@ -187,25 +324,10 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
     """Chunked-parallel WKV6; same arguments and result as ``wkv6_reference``."""
     if chunk_size % sub_chunk_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk_size {sub_chunk_size}")
+    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
+    # 4x4 grid would otherwise be computed as 64).
+    chunk_size = min(chunk_size, -(-r.shape[1] // sub_chunk_size) * sub_chunk_size)
     with torch.autocast(r.device.type, enabled=False):  # the state stays fp32 under bf16 autocast
-        return _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
-
-
-def _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
-    dtype = r.dtype
-    compute = _compute_dtype(dtype)
-    batch = r.shape[0]
-    # [B, T, H, K] -> [B, H, T, K]
-    r, k, v, w = (x.to(compute).transpose(1, 2) for x in (r, k, v, w))
-    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
-    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
-    w = w.clamp(min=LOG_DECAY_FLOOR)
-    u = u.to(compute)
-    if bidirectional:  # both directions in one batched call
-        flip = lambda x: torch.cat([x, x.flip(2)], dim=0)  # noqa: E731
-        both = _strictly_causal(flip(r), flip(k), flip(v), flip(w), chunk_size, sub_chunk_size)
-        out = both[:batch] + both[batch:].flip(2)
-    else:
-        out = _strictly_causal(r, k, v, w, chunk_size, sub_chunk_size)
-    bonus = (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
-    return (out + bonus).transpose(1, 2).to(dtype)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, w, u)):
+            return _WKV6.apply(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+        return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)[0]
