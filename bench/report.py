@@ -144,6 +144,21 @@ def markdown(results: dict, plot_names: dict) -> str:
             if plot_names.get(key):
                 lines += [f"![{key}]({plot_names[key]})", ""]
 
+    kernels = results.get("kernels")
+    if kernels:
+        c = kernels["config"]
+        lines += [f"## Token-mixing kernels: fwd+bwd of the op alone ({c['dtype']} on {c['device']}, WKV6 "
+                  f"{c['wkv']}, heads of {c['head_size']}, batch = token budget {c['token_budget']} // tokens)", "",
+                  "| width | tokens | batch | WKV6 chunked ms | WKV6 fla ms | SDPA ms | chunked / SDPA | fla / SDPA |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in kernels["rows"]:
+            cells = [r["width"], str(r["tokens"]), str(r["batch"])]
+            for k in ("chunked", "fla", "sdpa"):
+                cells.append(_ms(r[k]["fwd_bwd_s"]) if r[k]["status"] == "ok" else r[k]["status"])
+            cells += [_fmt(r.get("chunked_over_sdpa"), "{:.2f}x"), _fmt(r.get("fla_over_sdpa"), "{:.2f}x")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
     for key, title in (("backends_demo", "Training step per backend: the digits demo config"),
                        ("backends", "Training step per backend")):
         be = results.get(key)

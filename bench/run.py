@@ -6,6 +6,8 @@ Sections (``--sections`` picks a subset):
             and the chunked forward against a plain bmm of the same FLOPs
   scaling   DiR (causal, bidirectional) vs a DiT baseline of the same width, depth and
             patch: forward+backward time per image and peak memory against tokens
+  kernels   WKV6 chunked vs fla's fused kernel (CUDA) vs DiT's SDPA attention, fwd+bwd, bf16 on
+            CUDA, at DiR-S/2 and DiR-XL/2 widths (bench/kernels.py)
   backends_demo  one training step of the digits demo config (configs/train/digits.yaml)
             in each installed backend (PyTorch, Paddle, MindSpore), as ratios to PyTorch
   backends  the same for DiR-S/2 at 256 tokens
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from bench.util import REPO_ROOT
 
-SECTIONS = ("wkv", "scaling", "backends_demo", "backends")
+SECTIONS = ("wkv", "scaling", "kernels", "backends_demo", "backends")
 # configs/train/digits.yaml as a step: DiR-Tiny, 16x16x1 pixels in 4x4 patches (16 tokens), depth 4, batch 32
 DEMO_STEP = dict(model="DiR-Tiny/2", input_size=16, patch_size=4, in_channels=1, num_classes=10, depth=4, batch=32)
 
@@ -38,6 +40,7 @@ MODES = {
                     ref_repeats={32: 1, 128: 1}, gemm_size=256),
         "scaling": dict(tokens=(16, 64), width=64, head_size=32, depth=1, token_budget=64, warmup=0, repeats=1,
                         repeats_large=None, timeout=120, in_process=True),
+        "kernels": dict(tokens=(16, 64), widths=("DiR-S/2",), token_budget=64, warmup=0, repeats=1),
         "backends_demo": dict(config=dict(DEMO_STEP, depth=1, batch=2, warmup=0, repeats=1), timeout=120,
                               backends=("torch",)),
         "backends": dict(config=dict(model="DiR-Tiny/2", input_size=8, in_channels=4, num_classes=10, depth=1,
@@ -50,6 +53,8 @@ MODES = {
         "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=2, token_budget=4096,
                         warmup=1, repeats=5, repeats_large=5, timeout=900,
                         models=("dit", "dir-causal", "dir-bidirectional", "dir-bidirectional+recompute")),
+        "kernels": dict(tokens=(256, 1024, 4096), widths=("DiR-S/2", "DiR-XL/2"), token_budget=4096, warmup=1,
+                        repeats=5),
         "backends_demo": dict(config=dict(DEMO_STEP, warmup=2, repeats=10), timeout=900,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=2,
@@ -63,6 +68,8 @@ MODES = {
         "scaling": dict(tokens=(256, 1024, 4096, 16384), width=384, head_size=64, depth=4, token_budget=4096,
                         warmup=1, repeats=7, repeats_large=5, timeout=1800,
                         models=("dit", "dir-causal", "dir-bidirectional", "dir-bidirectional+recompute")),
+        "kernels": dict(tokens=(256, 1024, 4096), widths=("DiR-S/2", "DiR-XL/2"), token_budget=8192, warmup=2,
+                        repeats=11),
         "backends_demo": dict(config=dict(DEMO_STEP, warmup=3, repeats=15), timeout=1800, rounds=2,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=12,
@@ -171,6 +178,11 @@ def main(argv=None) -> dict:
 
             cfg = dict(plan["scaling"])
             results["scaling"] = run_scaling(cfg.pop("tokens"), device=device, threads=threads, log=log, **cfg)
+        elif section == "kernels":
+            from bench.kernels import bench_kernels
+
+            cfg = dict(plan["kernels"])
+            results["kernels"] = bench_kernels(cfg.pop("tokens"), cfg.pop("widths"), device=device, log=log, **cfg)
         elif section in ("backends_demo", "backends"):
             from bench.train_steps import run_backends
 

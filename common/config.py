@@ -72,6 +72,12 @@ MINDSPORE_MODES = ("pynative", "graph")
 SDE_DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 GRID_SAMPLERS = tuple(s for s in ALL_SAMPLERS if s != "dopri5")
 
+WKV_KERNELS = ("auto", "chunked", "fla")
+_WKV_KERNEL = Option("wkv_kernel", "str", "auto",
+                     "WKV6 implementation: auto (flash-linear-attention's fused Triton kernel when the PyTorch model "
+                     "runs on CUDA and fla is installed, else chunked) | chunked (the project's exact chunked form, "
+                     "every backend) | fla (PyTorch on CUDA only; fails if unavailable)", WKV_KERNELS)
+
 _MINDSPORE_MODE = Option("mindspore_mode", "str", "pynative",
                          "MindSpore backend only: pynative (op by op) | graph (compiled; several times faster on CPU)",
                          MINDSPORE_MODES)
@@ -149,6 +155,7 @@ TRAIN_OPTIONS = [
     Option("sample_per_class", "int", 2, "grid images per class (first 10 classes at most)"),
     Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent runs need it to draw grids", nullable=True),
     _MINDSPORE_MODE,
+    _WKV_KERNEL,
 ]
 
 SAMPLE_OPTIONS = [
@@ -179,6 +186,7 @@ SAMPLE_OPTIONS = [
     Option("device", "str", "auto", "auto | cpu | cuda", DEVICES),
     Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent models need it", nullable=True),
     _MINDSPORE_MODE,
+    _WKV_KERNEL,
     Option("paddle_to_static", "bool", False, "Paddle backend only: run the network through paddle.jit.to_static"),
     # The recipe of a file that carries none (a bare or older state dict); null = the file's recipe.
     Option("objective", "str", None, "recipe of a file without one: ddpm | flow (null = the file's)", OBJECTIVES,
@@ -500,6 +508,20 @@ def check_sample_config(config: dict, source: str = "config") -> None:
         raise ConfigError(f"{source}: key 'num_sampling_steps' = {config['num_sampling_steps']} must be at least 1")
     if config["cfg_scale"] < 1.0:
         raise ConfigError(f"{source}: key 'cfg_scale' = {config['cfg_scale']} must be >= 1 (1 turns guidance off)")
+
+
+def resolve_wkv_kernel(requested: str, framework: str, on_cuda: bool, fla_installed: bool,
+                       source: str = "config") -> str:
+    """The WKV6 kernel a model will use: "fla" or "chunked" (``wkv_kernel`` resolved for this process)."""
+    if requested == "chunked":
+        return "chunked"
+    usable = framework == "torch" and on_cuda and fla_installed
+    if requested == "fla" and not usable:
+        why = ("flash-linear-attention's kernel is PyTorch-only" if framework != "torch" else
+               "it needs a CUDA device" if not on_cuda else
+               "flash-linear-attention is not installed (pip install -r requirements/fla.txt)")
+        raise ConfigError(f"{source}: key 'wkv_kernel' = 'fla' cannot be used here: {why}; use auto or chunked")
+    return "fla" if usable else "chunked"
 
 
 def batch_layout(global_batch_size: int, world_size: int, grad_accum_steps: int, source: str = "config") -> int:

@@ -32,7 +32,7 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
     assert (tmp_path / f"{stem}-wkv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert results["mode"] == "smoke"
-    for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "backends", "backends_demo",
+    for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "kernels", "backends", "backends_demo",
                 "targets", "notes", "files"):
         assert key in results, key
     for key in ("host", "device", "cpu", "cpu_count", "torch", "torch_threads"):
@@ -60,6 +60,13 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
             assert _positive(ratios[f"dit_over_{model}@{tokens}"])
         assert isinstance(scaling["summary"]["slopes"][model], float)
 
+    # kernels: chunked WKV6 and SDPA timed at every size; fla says why not on a CPU
+    for row in results["kernels"]["rows"]:
+        assert row["chunked"]["status"] == row["sdpa"]["status"] == "ok"
+        assert _positive(row["chunked_over_sdpa"]) and row["chunked"]["spread"]["min_s"] > 0
+        assert row["fla"]["status"] in ("ok", "needs CUDA", "fla not installed")
+    assert "Token-mixing kernels" in (tmp_path / f"{stem}.md").read_text()
+
     # training step: torch ran in its own process and is its own reference
     for section in ("backends_demo", "backends"):
         torch_row = next(row for row in results[section]["rows"] if row["backend"] == "torch")
@@ -86,6 +93,14 @@ def test_quick_mode_covers_the_issue_sizes():
     assert set(quick["backends"]["backends"]) == {"torch", "paddle", "mindspore"}
     assert (quick["backends"]["config"]["model"], quick["backends"]["config"]["input_size"]) == ("DiR-S/2", 32)
     assert set(quick["backends_demo"]["backends"]) == {"torch", "paddle", "mindspore"}
+    assert tuple(quick["kernels"]["tokens"]) == (256, 1024, 4096)
+    assert tuple(quick["kernels"]["widths"]) == ("DiR-S/2", "DiR-XL/2")
+    assert "dir-bidirectional+recompute" in quick["scaling"]["models"]
+    # every timed figure is a median of at least 5 runs
+    assert quick["wkv"]["repeats"] >= 5 and min(quick["wkv"]["ref_repeats"].values()) >= 5
+    assert quick["scaling"]["repeats"] >= 5 and quick["scaling"]["repeats_large"] >= 5
+    assert quick["kernels"]["repeats"] >= 5
+    assert quick["backends"]["config"]["repeats"] >= 5 and quick["backends_demo"]["config"]["repeats"] >= 5
 
 
 def test_demo_step_matches_the_demo_config():

@@ -122,3 +122,81 @@ def test_chunks_take_the_fast_or_exact_path_independently(bidirectional):
     assert rel(out, ref) < 1e-10
     for a, b in zip(torch.autograd.grad(out.sum(), (r, strong)), torch.autograd.grad(ref.sum(), (r, strong))):
         assert rel(a, b) < 1e-10
+
+
+def fla_convention_stand_in(calls):
+    """fla's ``chunk_rwkv6`` calling convention over our reference: [B, T, H, K] inputs, log-space w,
+    ``scale`` defaulting to K^-0.5 on r, causal only, a (output, final state) pair."""
+    def chunk_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False):
+        calls.append({"scale": scale, "u_zero": bool((u == 0).all())})
+        scale = r.shape[-1] ** -0.5 if scale is None else scale
+        return wkv6_reference(r * scale, k, v, w, u), None
+    return chunk_rwkv6
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fla_adapter_minds_fla_conventions(bidirectional):
+    """scale=1.0 (fla's default is K^-0.5), the reverse direction as a second causal call with u = 0."""
+    from backends.torch.wkv import wkv6_fla
+
+    inputs = make_inputs(70, torch.float64, "mixed")
+    calls = []
+    out = wkv6_fla(*inputs, bidirectional=bidirectional, chunk_rwkv6=fla_convention_stand_in(calls))
+    assert rel(out, wkv6_reference(*inputs, bidirectional=bidirectional)) < 1e-12
+    assert [c["scale"] for c in calls] == [1.0] * (2 if bidirectional else 1)
+    assert [c["u_zero"] for c in calls] == ([False, True] if bidirectional else [False])
+
+
+def test_model_dispatches_to_the_kernel_it_is_given(monkeypatch):
+    from backends.torch import models
+    from common.spec import build_spec
+
+    spec = build_spec("DiR-Tiny/2", hidden_size=64, depth=2, head_size=32, input_size=8, in_channels=3, num_classes=5,
+                      mix_lora_rank=8, decay_lora_rank=8)
+    model = models.DiR.from_spec(spec)
+    used = []
+    monkeypatch.setattr(models, "wkv6_fla", lambda *a, **k: used.append(1) or wkv6(*a, **k))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 4])
+    model(x, t, y)
+    assert used == []
+    model.set_wkv_kernel("fla")
+    model(x, t, y)
+    assert len(used) == spec.num_blocks
+    with pytest.raises(ValueError, match="expected chunked or fla"):
+        model.set_wkv_kernel("triton")
+
+
+def test_wkv_kernel_key_resolves_or_says_why_not():
+    from common.config import ConfigError, resolve_wkv_kernel
+
+    assert resolve_wkv_kernel("auto", "torch", on_cuda=True, fla_installed=True) == "fla"
+    assert resolve_wkv_kernel("auto", "torch", on_cuda=False, fla_installed=True) == "chunked"
+    assert resolve_wkv_kernel("auto", "paddle", on_cuda=True, fla_installed=True) == "chunked"
+    assert resolve_wkv_kernel("chunked", "torch", on_cuda=True, fla_installed=True) == "chunked"
+    for framework, cuda, installed, why in (("torch", False, True, "needs a CUDA device"),
+                                            ("torch", True, False, "requirements/fla.txt"),
+                                            ("mindspore", True, True, "PyTorch-only")):
+        with pytest.raises(ConfigError, match=f"'wkv_kernel' = 'fla' cannot be used here: .*{why}"):
+            resolve_wkv_kernel("fla", framework, on_cuda=cuda, fla_installed=installed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernel needs CUDA")
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_fla_kernel_matches_the_reference_on_cuda(bidirectional, dtype, tol):
+    """fla's chunk_rwkv6 (tf32 dots inside, so fp32 is compared at 2e-3) against the fp64 loop,
+    values and every gradient, at a length of several chunks."""
+    pytest.importorskip("fla")
+    from backends.torch.wkv import wkv6_fla
+
+    cpu = make_inputs(300, torch.float64, "init", batch=2, heads=2, size=64)
+    inputs = [x.to("cuda", dtype).requires_grad_() for x in cpu]
+    grad_out = torch.randn_like(inputs[0])
+    out = wkv6_fla(*inputs, bidirectional=bidirectional)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref = wkv6_reference(*ref_inputs, bidirectional=bidirectional)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+    assert rel(out.double(), ref) < tol
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a.double(), b) < tol, name

@@ -24,7 +24,7 @@ from backends.mindspore.models import DiR, set_execution_mode  # noqa: E402
 from backends.mindspore.objectives import generate  # noqa: E402
 from backends.mindspore.vae import VAEError  # noqa: E402
 from common.cli import run_cli  # noqa: E402
-from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli  # noqa: E402
+from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel  # noqa: E402
 from common.sampling import SampleBackend, read_weights, run_sampling  # noqa: E402
 
 
@@ -42,6 +42,7 @@ class SampleAdapter(SampleBackend):
     framework = "mindspore"
 
     def setup(self, config: dict) -> str:
+        resolve_wkv_kernel(config["wkv_kernel"], "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
         if config["precision"] == "bf16":
             raise ConfigError("key 'precision' = 'bf16' is not supported by the MindSpore backend "
                               "(no bf16 kernels on CPU; use fp32)")

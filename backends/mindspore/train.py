@@ -53,7 +53,7 @@ from common.atomic import atomic_path  # noqa: E402
 from common.checkpoint import CheckpointError  # noqa: E402
 from common.cli import run_cli  # noqa: E402
 from common.conditions import drop_conditions  # noqa: E402
-from common.config import TRAIN_SCHEMA, ConfigError, parse_cli  # noqa: E402
+from common.config import TRAIN_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel  # noqa: E402
 from common.trainer import TrainBackend, run_training  # noqa: E402
 
 EXTENSION = "ckpt"
@@ -243,6 +243,7 @@ class TrainAdapter(TrainBackend):
 
     def setup(self, config: dict) -> None:
         self.config = config
+        resolve_wkv_kernel(config["wkv_kernel"], "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
         if config["precision"] == "bf16":
             raise ConfigError("key 'precision' = 'bf16' is not supported by the MindSpore backend "
                               "(no bf16 kernels on CPU; use fp32)")

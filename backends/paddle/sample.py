@@ -29,7 +29,7 @@ from backends.paddle.models import DiR
 from backends.paddle.objectives import generate
 from backends.paddle.vae import VAEError
 from common.cli import run_cli
-from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli
+from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel
 from common.sampling import SampleBackend, read_weights, run_sampling
 
 
@@ -54,6 +54,7 @@ class SampleAdapter(SampleBackend):
     framework = "paddle"
 
     def setup(self, config: dict) -> str:
+        resolve_wkv_kernel(config["wkv_kernel"], "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
         self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))  # the launcher's; no collectives are needed
         self.world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
         self.device = pick_device(config["device"])

@@ -34,7 +34,7 @@ from common.atomic import atomic_path
 from common.checkpoint import CheckpointError
 from common.cli import run_cli
 from common.conditions import drop_conditions
-from common.config import TRAIN_SCHEMA, ConfigError, parse_cli
+from common.config import TRAIN_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel
 from common.trainer import TrainBackend, run_training
 
 EXTENSION = "pdparams"
@@ -160,6 +160,7 @@ class TrainAdapter(TrainBackend):
 
     def setup(self, config: dict) -> None:
         self.config = config
+        resolve_wkv_kernel(config["wkv_kernel"], "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
         self.world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
         self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
         accelerator = _accelerator()

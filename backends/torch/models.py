@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from backends.torch.wkv import wkv6
+from backends.torch.wkv import wkv6, wkv6_fla
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
 from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
@@ -121,6 +121,7 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(d, d, bias=False)
         self.output = nn.Linear(d, d, bias=False)
         self.ln_x = nn.GroupNorm(spec.num_heads, d, eps=GROUP_NORM_EPS)
+        self.wkv_kernel = "chunked"  # or "fla" (DiR.set_wkv_kernel)
 
     def forward(self, x):
         n, t, d = x.shape
@@ -137,8 +138,9 @@ class TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         log_decay = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
         heads = (n, t, self.num_heads, self.head_size)
-        y = wkv6(r.view(heads), k.view(heads), v.view(heads), log_decay.view(heads), self.time_faaaa,
-                 bidirectional=self.bidirectional)
+        wkv = wkv6_fla if self.wkv_kernel == "fla" else wkv6
+        y = wkv(r.view(heads), k.view(heads), v.view(heads), log_decay.view(heads), self.time_faaaa,
+                bidirectional=self.bidirectional)
         y = self.ln_x(y.reshape(n * t, d)).view(n, t, d)
         return self.output(y * g)
 
@@ -238,6 +240,14 @@ class DiR(nn.Module):
         """Gradient checkpointing per block: training keeps only each block's input and reruns
         the block in the backward pass (about a third more compute; same gradients)."""
         self.recompute = bool(enabled)
+
+    def set_wkv_kernel(self, kernel: str) -> None:
+        """Pick the WKV6 kernel of every block: "chunked" (``backends/torch/wkv.py: wkv6``) or "fla"
+        (``wkv6_fla``, CUDA); ``common.config.resolve_wkv_kernel`` resolves the ``wkv_kernel`` key."""
+        if kernel not in ("chunked", "fla"):
+            raise ValueError(f"wkv kernel '{kernel}': expected chunked or fla")
+        for block in self.blocks:
+            block.att.wkv_kernel = kernel
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":

@@ -20,8 +20,9 @@ import torch
 from backends.torch.models import DiR
 from backends.torch.objectives import generate
 from backends.torch.vae import VAEError
+from backends.torch.wkv import fla_installed
 from common.cli import run_cli
-from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli
+from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel
 from common.sampling import SampleBackend, read_weights, run_sampling
 
 
@@ -43,11 +44,14 @@ class SampleAdapter(SampleBackend):
         self.rank = int(os.environ.get("RANK", "0"))  # torchrun's; the processes need no process group
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.torch_device = pick_device(config["device"])
+        self.wkv_kernel = resolve_wkv_kernel(config["wkv_kernel"], "torch", self.torch_device.type == "cuda",
+                                             fla_installed())
         return str(self.torch_device)
 
     def load_model(self, state, spec) -> DiR:
         model = DiR(spec)
         model.load_canonical(state)
+        model.set_wkv_kernel(self.wkv_kernel)
         return model.to(self.torch_device).eval()
 
     def load_vae(self, path):

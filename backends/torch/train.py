@@ -25,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from backends.torch.data import build_loader
 from backends.torch.models import DiR
 from backends.torch.objectives import build_objective, generate
+from backends.torch.wkv import fla_installed
 from common.atomic import atomic_path
 from common.checkpoint import CheckpointError
 from common.cli import run_cli
 from common.conditions import drop_conditions
-from common.config import TRAIN_SCHEMA, ConfigError, parse_cli
+from common.config import TRAIN_SCHEMA, ConfigError, parse_cli, resolve_wkv_kernel
 from common.trainer import TrainBackend, run_training
 from common.training import process_group_failure
 
@@ -119,6 +120,8 @@ class TrainAdapter(TrainBackend):
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"]).to(self.torch_device)
         self.model.set_recompute(config["recompute"])
+        self.model.set_wkv_kernel(resolve_wkv_kernel(config["wkv_kernel"], "torch", self.torch_device.type == "cuda",
+                                                     fla_installed()))
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, config)
         self.objective = build_objective(recipe, spec.learn_sigma, self.torch_device)

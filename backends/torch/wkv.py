@@ -331,3 +331,36 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
         if torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, w, u)):
             return _WKV6.apply(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
         return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)[0]
+
+
+# ---- flash-linear-attention ---------------------------------------------------------
+def fla_installed() -> bool:
+    """flash-linear-attention importable (its Triton kernels then need a CUDA device)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
+def _fla_chunk_rwkv6():
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    return chunk_rwkv6
+
+
+def wkv6_fla(r, k, v, w, u, bidirectional: bool = False, chunk_rwkv6=None):
+    """WKV6 through flash-linear-attention's fused ``chunk_rwkv6`` (Triton, CUDA); same arguments
+    and result as ``wkv6_reference``.
+
+    fla's conventions, minded here: its ``scale`` defaults to K^-0.5 (RWKV-6 has none, so 1.0);
+    its ``w`` is the log-decay, as ours; it is causal only, so the bidirectional form is a
+    second causal call over the reversed sequence without the bonus (u = 0), flipped back.
+    fla keeps its state in fp32. ``chunk_rwkv6`` replaces fla's function (tests).
+    """
+    chunk_rwkv6 = chunk_rwkv6 or _fla_chunk_rwkv6()
+    out, _ = chunk_rwkv6(r, k, v, w, u, scale=1.0, initial_state=None, output_final_state=False)
+    if bidirectional:
+        flipped = [_flip_time(x) for x in (r, k, v, w)]
+        backward, _ = chunk_rwkv6(*flipped, torch.zeros_like(u), scale=1.0, initial_state=None,
+                                  output_final_state=False)
+        out = out + _flip_time(backward)
+    return out
