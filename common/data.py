@@ -402,6 +402,13 @@ def read_npy_data(handle, shape: tuple[int, ...], fortran: bool, dtype: np.dtype
 def build_source(config: dict):
     """The data source a train config asks for."""
     kind = config["dataset"]
+    if config.get("condition") == "text":
+        from common.captions import captioned_source
+        from common.text import DEFAULT_MAX_TOKENS
+
+        return captioned_source(config, config.get("text_max_tokens") or DEFAULT_MAX_TOKENS)
+    if kind == "captions":
+        raise DataError("key 'dataset' = 'captions' needs condition: text (a caption per image, not a class)")
     if kind == "digits":
         return DigitsSource(config["image_size"])
     if kind == "mnist":

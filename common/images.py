@@ -38,6 +38,22 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, ups
     return grid
 
 
+def label_rows(grid: np.ndarray, labels: list[str], rows: int, width: int = 260) -> np.ndarray:
+    """A grid [H, W, C] uint8 with a white margin on the left holding one text label per row."""
+    from PIL import Image, ImageDraw
+
+    h, _, c = grid.shape
+    canvas = Image.new("RGB", (width + grid.shape[1], h), "white")
+    canvas.paste(Image.fromarray(grid if c == 3 else np.repeat(grid, 3, axis=2)), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = h / max(rows, 1)
+    for i, text in enumerate(labels[:rows]):
+        text = text if len(text) <= 40 else text[:39] + "…"
+        draw.text((4, int(i * row_height + row_height / 2) - 5), text, fill="black")
+    out = np.asarray(canvas, dtype=np.uint8)
+    return out if c == 3 else out[:, :, :1]
+
+
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Write one [H, W, C] (C = 1 or 3) or [H, W] uint8 image as PNG, atomically."""
     from PIL import Image

@@ -16,6 +16,8 @@ import numpy as np
 
 from common.spec import FREQUENCY_EMBEDDING_SIZE, DiRSpec
 
+TEXT_PREFIX = "text_encoder."
+
 # What a tensor is, so each framework mapping knows how to lay it out.
 LINEAR_WEIGHT = "linear_weight"  # [out, in]; Paddle stores [in, out]
 LINEAR_BIAS = "linear_bias"
@@ -41,11 +43,9 @@ def _linear(prefix: str, out_dim: int, in_dim: int, init: str = "xavier_uniform"
         yield ParamInfo(f"{prefix}.bias", (out_dim,), "zeros", LINEAR_BIAS)
 
 
-def _block(spec: DiRSpec, i: int):
+def _mixers(spec: DiRSpec, p: str, i: int):
+    """RWKV-6 TimeMix (``{p}.att``) and ChannelMix (``{p}.ffn``) of block ``i``."""
     d, f, h, k = spec.hidden_size, spec.ffn_hidden_size, spec.num_heads, spec.head_size
-    p = f"blocks.{i}"
-    if spec.is_out_block(i):
-        yield from _linear(f"{p}.skip_linear", d, 2 * d)
     a = f"{p}.att"
     for branch in ("x", "w", "k", "v", "r", "g"):
         yield ParamInfo(f"{a}.time_maa_{branch}", (d,), "rwkv6", TENSOR, i)
@@ -65,7 +65,40 @@ def _block(spec: DiRSpec, i: int):
     yield from _linear(f"{c}.key", f, d, bias=False)
     yield from _linear(f"{c}.receptance", d, d, bias=False)
     yield from _linear(f"{c}.value", d, f, bias=False)
+
+
+def _norm(prefix: str, d: int):
+    yield ParamInfo(f"{prefix}.weight", (d,), "ones", NORM_WEIGHT)
+    yield ParamInfo(f"{prefix}.bias", (d,), "zeros", NORM_BIAS)
+
+
+def _block(spec: DiRSpec, i: int):
+    d = spec.hidden_size
+    p = f"blocks.{i}"
+    if spec.is_out_block(i):
+        yield from _linear(f"{p}.skip_linear", d, 2 * d)
+    yield from _mixers(spec, p, i)
     yield from _linear(f"{p}.adaLN_modulation.1", 6 * d, d, init="zeros")
+
+
+def _text_encoder(spec: DiRSpec):
+    """The caption encoder (Di-R's ``RwkvForSequenceEmbedding``): the null embedding, token
+    embedding, RWKV-6 blocks with affine pre-norms (``ln0`` before the first), ``ln_out``, and a
+    projection to hidden_size when the widths differ."""
+    text = spec.text_encoder_spec()
+    w, p = text.hidden_size, TEXT_PREFIX.rstrip(".")
+    yield ParamInfo(f"{p}.null_embedding", (spec.hidden_size,), "normal_0.02", TENSOR)
+    yield ParamInfo(f"{p}.emb.weight", (spec.text_vocab, w), "normal_0.02", EMBEDDING)
+    for j in range(text.depth):
+        b = f"{p}.blocks.{j}"
+        if j == 0:
+            yield from _norm(f"{b}.ln0", w)
+        yield from _norm(f"{b}.ln1", w)
+        yield from _norm(f"{b}.ln2", w)
+        yield from _mixers(text, b, j)
+    yield from _norm(f"{p}.ln_out", w)
+    if spec.has_text_projection:
+        yield from _linear(f"{p}.proj", spec.hidden_size, w)
 
 
 def parameter_table(spec: DiRSpec) -> list[ParamInfo]:
@@ -80,8 +113,11 @@ def parameter_table(spec: DiRSpec) -> list[ParamInfo]:
     ]
     table += _linear("t_embedder.mlp.0", d, FREQUENCY_EMBEDDING_SIZE, init="normal_0.02")
     table += _linear("t_embedder.mlp.2", d, d, init="normal_0.02")
-    rows = spec.num_classes + int(spec.has_null_class)
-    table.append(ParamInfo("y_embedder.embedding_table.weight", (rows, d), "normal_0.02", EMBEDDING))
+    if spec.condition == "text":
+        table += _text_encoder(spec)
+    else:
+        rows = spec.num_classes + int(spec.has_null_class)
+        table.append(ParamInfo("y_embedder.embedding_table.weight", (rows, d), "normal_0.02", EMBEDDING))
     for i in range(spec.num_blocks):
         table += _block(spec, i)
     table += _linear("final_layer.linear", p * p * spec.out_channels, d, init="zeros")
@@ -161,7 +197,8 @@ def init_canonical(spec: DiRSpec, seed: int = 0) -> dict[str, np.ndarray]:
         elif info.init == "sincos":
             value = sincos_pos_embed_2d(spec.hidden_size, spec.grid_size)[None]
         elif info.init == "rwkv6":
-            value = rwkv6_init(spec, info.name, info.layer)
+            owner = spec.text_encoder_spec() if info.name.startswith(TEXT_PREFIX) else spec
+            value = rwkv6_init(owner, info.name, info.layer)
         else:
             raise KeyError(f"unknown init rule '{info.init}' for '{info.name}'")
         state[info.name] = np.ascontiguousarray(value, dtype=np.float32)

@@ -20,7 +20,7 @@ from common.atomic import atomic_path, atomic_write
 from common.checkpoint import CheckpointError
 from common.config import ConfigError, check_sample_config, closest_key
 from common.data import DIGIT_NAMES
-from common.images import make_grid, save_png, to_uint8_nhwc
+from common.images import label_rows, make_grid, save_png, to_uint8_nhwc
 from common.objectives import SamplerSettings, check_sampling, sample_settings
 from common.recipe import Recipe, resolve_recipe
 from common.spec import DiRSpec
@@ -115,28 +115,102 @@ def sample_labels(class_ids: list[int], num_per_class: int) -> np.ndarray:
     return np.repeat(np.asarray(class_ids, dtype=np.int64), num_per_class)
 
 
+def read_prompts(config: dict, source: str = "config") -> list[str]:
+    """The prompts of a text model's sampling job: ``prompts`` ("a; b" or a list) or ``prompts_file``
+    (one a line; blank lines skipped)."""
+    if config["prompts"] and config["prompts_file"]:
+        raise ConfigError(f"{source}: give 'prompts' or 'prompts_file', not both")
+    if config["prompts_file"]:
+        path = Path(config["prompts_file"])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{source}: key 'prompts_file' = '{path}' cannot be read as UTF-8 text ({err})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"{source}: key 'prompts_file' = '{path}' has no prompts (one a line)")
+        return prompts
+    value = config["prompts"]
+    if value is None:
+        raise ConfigError(f"{source}: this model is text-conditioned: give 'prompts' (\"a cat; a dog\") or "
+                          "'prompts_file' (one a line)")
+    prompts = [p.strip() for p in value.split(";")] if isinstance(value, str) else [str(p).strip() for p in value]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ConfigError(f"{source}: key 'prompts' = {value!r} holds no prompt")
+    return prompts
+
+
+def prompt_conditions(config: dict, spec: DiRSpec, source: str = "config"):
+    """(prompts per image, their token ids [N, text_max_tokens], labels or None, negative ids [1, L] or None).
+
+    Each prompt is repeated ``num_per_prompt`` times (a grid row each). With ``prompt_labels: digits``
+    the labels are the digit each prompt names (the digits judge scores them); a prompt naming none
+    or several is an error then.
+    """
+    from common.captions import digits_named
+    from common.text import world_tokenizer
+
+    prompts = [p for p in read_prompts(config, source) for _ in range(config["num_per_prompt"])]
+    tokenizer = world_tokenizer()
+    ids, cut = tokenizer.encode_batch(prompts, spec.text_max_tokens, fixed_length=True)
+    if cut:
+        tqdm.write(f"warning: {cut // config['num_per_prompt']} prompt(s) longer than text_max_tokens "
+                   f"({spec.text_max_tokens} ids) were cut")
+    labels = None
+    if config["prompt_labels"] == "digits":
+        found = [digits_named(p) for p in prompts[::config["num_per_prompt"]]]
+        bad = [p for p, f in zip(prompts[::config["num_per_prompt"]], found) if len(set(f)) != 1]
+        if bad:
+            raise ConfigError(f"{source}: key 'prompt_labels' = 'digits' but these prompts name no digit or several: "
+                              f"{bad[:5]}")
+        labels = np.repeat(np.asarray([f[0] for f in found], dtype=np.int64), config["num_per_prompt"])
+    negative = None
+    if config["negative_prompt"]:
+        negative, _ = tokenizer.encode_batch([config["negative_prompt"]], spec.text_max_tokens, fixed_length=True)
+    return prompts, ids, labels, negative
+
+
 def batches(labels: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
 
 
-def write_outputs(out_dir: str | Path, images_nhwc: np.ndarray, labels: np.ndarray, nrow: int,
-                  save_images: bool = True, grid_upscale: int = 1, metadata: dict | None = None) -> dict:
-    """Write grid.png, images/*.png (optional), samples.npz and info.json; returns their paths."""
+def write_outputs(out_dir: str | Path, images_nhwc: np.ndarray, labels: np.ndarray | None, nrow: int,
+                  save_images: bool = True, grid_upscale: int = 1, metadata: dict | None = None,
+                  prompts: list[str] | None = None) -> dict:
+    """Write grid.png, images/*.png (optional), samples.npz and info.json; returns their paths.
+
+    Text models pass ``prompts`` (one per image: the grid's rows are labelled with them and
+    samples.npz gets a ``prompts`` str array) and ``labels`` only when each prompt names a class
+    (the digit a digits prompt names), else None.
+    """
     out_dir = Path(out_dir)
-    if images_nhwc.dtype != np.uint8 or images_nhwc.ndim != 4 or len(images_nhwc) != len(labels):
-        raise ValueError(f"expected uint8 [N, H, W, C] images and N labels, found {images_nhwc.dtype} "
-                         f"{images_nhwc.shape} and {len(labels)} labels")
+    n = len(images_nhwc)
+    if images_nhwc.dtype != np.uint8 or images_nhwc.ndim != 4 or (labels is not None and len(labels) != n) \
+            or (prompts is not None and len(prompts) != n):
+        raise ValueError(f"expected uint8 [N, H, W, C] images and N labels / prompts, found {images_nhwc.dtype} "
+                         f"{images_nhwc.shape}, {None if labels is None else len(labels)} labels and "
+                         f"{None if prompts is None else len(prompts)} prompts")
     paths = {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "info": out_dir / "info.json"}
-    save_png(paths["grid"], make_grid(images_nhwc, nrow=nrow, upscale=grid_upscale))
+    grid = make_grid(images_nhwc, nrow=nrow, upscale=grid_upscale)
+    if prompts is not None:
+        grid = label_rows(grid, prompts[::nrow], rows=-(-n // nrow))
+    save_png(paths["grid"], grid)
     if save_images:
-        for i, (image, label) in enumerate(zip(images_nhwc, labels)):
-            save_png(out_dir / "images" / f"{i:06d}_c{int(label)}.png", image)
+        for i, image in enumerate(images_nhwc):
+            tag = f"p{i // nrow}" if labels is None else f"c{int(labels[i])}"
+            save_png(out_dir / "images" / f"{i:06d}_{tag}.png", image)
         paths["images"] = out_dir / "images"
-    labels = np.asarray(labels, dtype=np.int64)
+    arrays = {"arr_0": images_nhwc}
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        arrays.update(arr_1=labels, labels=labels)
+    if prompts is not None:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
     with atomic_path(paths["npz"]) as tmp:
         with open(tmp, "wb") as handle:  # a file handle keeps numpy from appending '.npz' to the temp name
-            np.savez(handle, arr_0=images_nhwc, arr_1=labels, labels=labels)
-    info = {"num_images": int(len(labels)), "shape": list(images_nhwc.shape), **(metadata or {})}
+            np.savez(handle, **arrays)
+    info = {"num_images": int(n), "shape": list(images_nhwc.shape), **(metadata or {})}
     atomic_write(paths["info"], lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     return paths
 
@@ -258,9 +332,10 @@ class SampleBackend:
         raise NotImplementedError
 
     def generate(self, model, spec: DiRSpec, recipe: Recipe, settings: SamplerSettings, labels: np.ndarray,
-                 rng: np.random.Generator, config: dict) -> np.ndarray:
-        """(samples for ``labels`` [N] as float [N, C, H, W], latents undecoded, noise drawn from ``rng``;
-        network evaluations per image)."""
+                 rng: np.random.Generator, config: dict, null: np.ndarray | None = None) -> np.ndarray:
+        """(samples for the conditions ``labels`` [N, ...] (class ids, or caption token ids) as float
+        [N, C, H, W], latents undecoded, noise drawn from ``rng``; network evaluations per image).
+        Guidance pairs them with ``null`` (default: the model's null condition)."""
         raise NotImplementedError
 
     def decode(self, vae, latents: np.ndarray, latent_scale: float) -> np.ndarray:
@@ -360,21 +435,28 @@ def run_sampling(config: dict, backend: SampleBackend, source_name: str = "confi
     if settings.cfg_scale > 1.0 and not spec.has_null_class:
         raise ConfigError(f"{source_name}: key 'cfg_scale' = {settings.cfg_scale} needs a model trained with "
                           "class_dropout_prob > 0 (it has no null class); set cfg_scale: 1")
-    names = class_names_for(config["class_names"], spec.num_classes, recipe)
-    labels = sample_labels(parse_classes(config["classes"], spec.num_classes, names), config["num_per_class"])
-    all_batches = batches(labels, config["batch_size"])
+    prompts, negative, nrow = None, None, config["num_per_class"]
+    if spec.condition == "text":
+        prompts, conditions, labels, negative = prompt_conditions(config, spec, source_name)
+        names, nrow = None, config["num_per_prompt"]
+    else:
+        names = class_names_for(config["class_names"], spec.num_classes, recipe)
+        labels = conditions = sample_labels(parse_classes(config["classes"], spec.num_classes, names),
+                                            config["num_per_class"])
+    all_batches = batches(conditions, config["batch_size"])
     mine = [b for b in range(len(all_batches)) if b % world_size == rank]
     model = backend.load_model(state, spec)
     vae = backend.load_vae(config["vae_path"]) if recipe.is_latent else None
-    tqdm.write(f"sampling {len(labels)} images with {backend.framework} on {device}"
+    tqdm.write(f"sampling {len(conditions)} images with {backend.framework} on {device}"
                + (f" (rank {rank} of {world_size}: {len(mine)} of {len(all_batches)} batches)" if world_size > 1 else "")
                + f": {settings.sampler}, {recipe.objective} weights ({weights_source['weights']}) from "
                f"{weights_source['path']}")
     start = time.monotonic()
     images, raw, nfe = {}, {}, []
     for b in tqdm(mine, desc=f"sampling ({settings.sampler})", disable=rank != 0):
+        null = None if negative is None else np.repeat(negative, len(all_batches[b]), axis=0)
         x, evaluations = backend.generate(model, spec, recipe, settings, all_batches[b], batch_rng(config["seed"], b),
-                                          config)
+                                          config, null)
         nfe.append(int(evaluations))
         if vae is not None:
             x = backend.decode(vae, x, recipe.latent_scale)
@@ -382,7 +464,7 @@ def run_sampling(config: dict, backend: SampleBackend, source_name: str = "confi
             raw[b] = x
         images[b] = to_uint8_nhwc(x)
     if world_size > 1:
-        fingerprint = _fingerprint(config, weights_source, len(labels))
+        fingerprint = _fingerprint(config, weights_source, len(conditions))
         if rank != 0:
             return {"part": write_part(config["out_dir"], rank, fingerprint, images, nfe)}
         others, other_nfe = gather_parts(config["out_dir"], world_size, fingerprint,
@@ -400,17 +482,21 @@ def run_sampling(config: dict, backend: SampleBackend, source_name: str = "confi
                 "batch_size": config["batch_size"],
                 "precision": config["precision"],
                 "class_names": [names[int(c)] for c in np.unique(labels)] if names else None}
+    if prompts is not None:
+        metadata["prompts"] = list(dict.fromkeys(prompts))
+        metadata["negative_prompt"] = config["negative_prompt"]
+        metadata["prompt_labels"] = config["prompt_labels"]
     if backend.framework == "mindspore":
         metadata["mindspore_mode"] = config["mindspore_mode"]
     if backend.framework == "paddle":
         metadata["paddle_to_static"] = config["paddle_to_static"]
-    paths = write_outputs(config["out_dir"], ordered, labels, nrow=config["num_per_class"],
-                          save_images=config["save_images"], grid_upscale=config["grid_upscale"], metadata=metadata)
+    paths = write_outputs(config["out_dir"], ordered, labels, nrow=nrow, save_images=config["save_images"],
+                          grid_upscale=config["grid_upscale"], metadata=metadata, prompts=prompts)
     if world_size > 1:
         import shutil
 
         shutil.rmtree(_parts_folder(config["out_dir"]), ignore_errors=True)
-    tqdm.write(f"wrote {len(labels)} samples: {paths['grid']}, {paths['npz']}")
+    tqdm.write(f"wrote {len(conditions)} samples: {paths['grid']}, {paths['npz']}")
     if keep_raw:
         paths["raw"] = np.concatenate([raw[b] for b in sorted(raw)])
     return paths

@@ -23,7 +23,8 @@ MAX_PERIOD = 10000
 
 POS_EMBED_CHOICES = ("none", "sincos", "learned")
 SCAN_CHOICES = ("causal", "bidirectional")
-CONDITION_CHOICES = ("class",)  # "text" (an RWKV language model over captions) comes next
+CONDITION_CHOICES = ("class", "text")  # class labels, or captions through an RWKV-6 text encoder (Di-R)
+TEXT_NORM_EPS = 1e-5  # the text encoder's affine LayerNorms (ln0, ln1, ln2, ln_out): RWKV's and Di-R's
 
 
 class SpecError(ValueError):
@@ -48,6 +49,12 @@ class DiRSpec:
     mix_lora_rank: int = 32  # tanh LoRA giving the five data-dependent token-shift mixes
     decay_lora_rank: int = 64  # tanh LoRA giving the data-dependent decay
     condition: str = "class"  # which condition embedder feeds c = t_emb + y_emb
+    # condition: text. The caption encoder is a causal RWKV-6 language model of its own size, pooled
+    # at the first end-of-text token (Di-R). class_dropout_prob is then the caption dropout.
+    text_width: int = 0  # 0: hidden_size; otherwise the pooled state is projected to hidden_size
+    text_depth: int = 4
+    text_vocab: int = 65536  # the RWKV "world" tokenizer's ids (common/text.py)
+    text_max_tokens: int = 128  # a caption is cut to this many ids, its end-of-text token included
     # Parameter-free 2-D layout (common/scan_orders.py): what a token mixes with, and the order
     # each block scans in. Specs saved before these fields existed read as raster/raster.
     token_shift: str = "raster"
@@ -94,8 +101,26 @@ class DiRSpec:
 
     @property
     def has_null_class(self) -> bool:
-        """DiT keeps an extra "null" label row only when labels are dropped in training."""
+        """DiT keeps an extra "null" label row only when labels are dropped in training (for
+        captions: the text encoder's learned null embedding)."""
         return self.class_dropout_prob > 0
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.text_width or self.hidden_size
+
+    @property
+    def has_text_projection(self) -> bool:
+        return self.condition == "text" and self.text_hidden_size != self.hidden_size
+
+    def text_encoder_spec(self) -> "DiRSpec":
+        """The caption encoder's blocks as a spec of their own: causal RWKV-6 blocks of
+        ``text_width`` channels in heads of ``head_size`` (shapes, layer-dependent init)."""
+        return DiRSpec(input_size=self.patch_size, in_channels=1, patch_size=self.patch_size,
+                       hidden_size=self.text_hidden_size, depth=self.text_depth, head_size=self.head_size,
+                       ffn_mult=self.ffn_mult, num_classes=1, class_dropout_prob=0.0, learn_sigma=False,
+                       pos_embed="none", scan="causal", skip=False, mix_lora_rank=self.mix_lora_rank,
+                       decay_lora_rank=self.decay_lora_rank)
 
     # ---- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +230,16 @@ def validate(spec: DiRSpec) -> DiRSpec:
               "causal; use scan: bidirectional, or token_shift: raster with scan: causal")
     if spec.condition not in CONDITION_CHOICES:
         _fail("condition", spec.condition, f"allowed: {', '.join(CONDITION_CHOICES)}")
+    if spec.condition == "text":
+        for name in ("text_depth", "text_vocab"):
+            if getattr(spec, name) < 1:
+                _fail(name, getattr(spec, name), "must be at least 1")
+        if spec.text_width < 0:
+            _fail("text_width", spec.text_width, "must be 0 (= hidden_size) or a width")
+        if spec.text_hidden_size % spec.head_size:
+            _fail("text_width", spec.text_width, f"must be a multiple of head_size ({spec.head_size})")
+        if spec.text_max_tokens < 2:
+            _fail("text_max_tokens", spec.text_max_tokens, "must be at least 2 (a token and the end-of-text)")
     if spec.skip and spec.depth < 2:
         _fail("depth", spec.depth, "long skips need depth >= 2 (depth//2 in-blocks, a mid block, depth//2 out-blocks)")
     if spec.pos_embed == "sincos" and spec.hidden_size % 4:

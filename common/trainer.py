@@ -108,6 +108,18 @@ class TrainBackend:
         """Last barrier and process-group teardown."""
 
 
+def grid_conditions(spec: DiRSpec, config: dict, source) -> np.ndarray:
+    """The training grid's conditions: the first classes, ``sample_per_class`` each; or for
+    captions the grid prompts as token ids, ``sample_per_class`` each."""
+    if spec.condition == "text":
+        from common.captions import grid_prompts
+
+        prompts, _ = grid_prompts(config, source, config["sample_per_class"])
+        ids, _ = source.tokenizer.encode_batch(prompts, spec.text_max_tokens, fixed_length=True)
+        return ids
+    return np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
+
+
 def wants_grid(step: int, config: dict, last: bool) -> bool:
     if config["sample_every"] < 0 or (config["dataset"] == "latents" and not config["vae_path"]):
         return False
@@ -230,7 +242,8 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
             logger.event(kind, **fields)
         logger.event("start", step=start_step, resumed_from=str(resume_path) if resume_path else None,
                      spec=spec.to_dict(), recipe=recipe.to_dict(), framework=backend.framework,
-                     data=f"{config['dataset']}: {len(source)} items, {source.num_classes} classes",
+                     data=f"{config['dataset']}: {len(source)} items, "
+                          + (f"{source.num_classes} classes" if spec.condition == "class" else "captioned"),
                      batch=describe_batch(config, world_size, micro_batch), parameters=num_parameters)
         tqdm.write(f"DiR {config['model']} | {num_parameters:,} parameters | {recipe.objective} | "
                    f"{config['dataset']} ({len(source)} items) | {describe_batch(config, world_size, micro_batch)} | "
@@ -287,8 +300,12 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                     means = backend.all_reduce_sum(interval_means(interval, world_size))
                     skipped_total += int(means.pop("skipped"))
                     if rank == 0:
+                        extra = {}
+                        if spec.condition == "text":  # counted where items are read: here only without workers
+                            extra["cut_captions"] = source.cut_captions if config["num_workers"] == 0 else None
                         logger.metrics(step, {**means, "lr": learning_rate(step - 1, config), "images_per_s": meter.rate(),
-                                              "skipped_images": skipped_total, "skipped_updates": nonfinite_skips})
+                                              "skipped_images": skipped_total, "skipped_updates": nonfinite_skips,
+                                              **extra})
                         progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{meter.rate():.0f}")
                     meter.reset()
                     interval = []
@@ -298,8 +315,8 @@ def run_training(config: dict, backend: TrainBackend, source_name: str = "config
                     if rank == 0:
                         logger.event("checkpoint", step=step, path=str(layout.checkpoint(step)))
                 if rank == 0 and wants_grid(step, config, last):
-                    labels = np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
-                    images = backend.sample_grid(labels, grid, config["seed"])
+                    conds = grid_conditions(spec, config, source)
+                    images = backend.sample_grid(conds, grid, config["seed"])
                     save_grid(layout.grid(step), images, nrow=config["sample_per_class"],
                               upscale=max(1, 64 // images.shape[-1]))
     finally:  # an error ends the progress bar's line first, so its message starts a line of its own

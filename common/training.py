@@ -45,8 +45,8 @@ def model_spec(config: dict, source, source_name: str = "config") -> DiRSpec:
     overrides = spec_overrides(config)
     if config.get("objective") == "flow":  # flow matching learns no variance: no second half of channels
         overrides.setdefault("learn_sigma", False)
-    num_classes = overrides.setdefault("num_classes", source.num_classes)
-    if num_classes < source.num_classes:
+    num_classes = overrides.setdefault("num_classes", source.num_classes or 1)  # captions: no classes
+    if source.num_classes is not None and num_classes < source.num_classes:
         raise ConfigError(f"{source_name}: key 'num_classes' = {num_classes} but the data has "
                           f"{source.num_classes} classes")
     try:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job, start to finish on the embedded digits (no download, CPU is enough):
 #   train DiR-Tiny on scikit-learn's digits -> sample 20 per class -> score them.
-# Usage: bash scripts/demo.sh [torch|paddle|mindspore] [ddpm|flow] [extra train overrides, e.g. --max_steps 100]
+# Usage: bash scripts/demo.sh [torch|paddle|mindspore] [ddpm|flow|text] [extra train overrides, e.g. --max_steps 100]
 #   ddpm: configs/{train,sample}/digits.yaml       (DiT's DDPM recipe, cosine schedule, DDIM 50 steps)
 #   flow: configs/{train,sample}/digits_flow.yaml  (SiT's flow matching, linear path, Heun 25 evaluations)
-# Outputs go to runs/digits[_flow][_paddle|_mindspore]/: checkpoints/, loss.png, log.jsonl,
+#   text: configs/{train,sample}/digits_text.yaml  (captions through an RWKV-6 text encoder, as Di-R; sampled
+#         with the two phrasings held out of training, 20 images per digit)
+# Outputs go to runs/digits[_flow|_text][_paddle|_mindspore]/: checkpoints/, loss.png, log.jsonl,
 # samples_eval/{grid.png,samples.npz,info.json}, eval.json.
 set -euo pipefail
 start=$(date +%s)
@@ -21,7 +23,8 @@ fi
 case "$objective" in
   ddpm) config=digits; run_dir=runs/digits ;;
   flow) config=digits_flow; run_dir=runs/digits_flow ;;
-  *) echo "error: objective '$objective' unknown; expected ddpm or flow" >&2; exit 2 ;;
+  text) config=digits_text; run_dir=runs/digits_text ;;
+  *) echo "error: objective '$objective' unknown; expected ddpm, flow or text" >&2; exit 2 ;;
 esac
 mode=()
 case "$backend" in

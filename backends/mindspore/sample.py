@@ -65,8 +65,8 @@ class SampleAdapter(SampleBackend):
 
         return load_vae(path)
 
-    def generate(self, model, spec, recipe, settings, labels, rng, config) -> np.ndarray:
-        return generate(model, spec, recipe, settings, labels, rng)
+    def generate(self, model, spec, recipe, settings, labels, rng, config, null=None) -> np.ndarray:
+        return generate(model, spec, recipe, settings, labels, rng, null)
 
     def decode(self, vae, latents: np.ndarray, latent_scale: float) -> np.ndarray:
         from backends.mindspore.vae import decode

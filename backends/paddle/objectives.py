@@ -63,12 +63,15 @@ def guided_model(model: Callable, cond, null_cond, cfg_scale: float, channels: i
 
 @paddle.no_grad()
 def generate(model, spec: DiRSpec, recipe: Recipe, settings: SamplerSettings, cond: np.ndarray,
-             rng: np.random.Generator, device: str | None = None, precision: str = "fp32") -> tuple[np.ndarray, int]:
-    """Samples for the conditions ``cond`` [N] as float32 numpy [N, C, H, W] (latents undecoded),
-    and the number of network evaluations it took (per image; guidance doubles the batch, not this)."""
+             rng: np.random.Generator, device: str | None = None, precision: str = "fp32",
+             null_cond: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Samples for the conditions ``cond`` [N, ...] as float32 numpy [N, C, H, W] (latents undecoded),
+    and the number of network evaluations it took (per image; guidance doubles the batch, not this).
+    Guidance pairs ``cond`` with ``null_cond`` (default the model's null condition; for captions a
+    negative prompt's ids)."""
     sampler = build_sampler(recipe, spec.learn_sigma, settings, device)
     y = paddle.to_tensor(np.asarray(cond), place=device)
-    null = paddle.to_tensor(null_condition(spec, len(cond)), place=device) if settings.cfg_scale != 1.0 else None
+    null = paddle.to_tensor(null_condition(spec, len(cond)) if null_cond is None else null_cond, place=device) if settings.cfg_scale != 1.0 else None
     fn = guided_model(model, y, null, settings.cfg_scale, spec.in_channels)
     shape = (len(cond), spec.in_channels, spec.input_size, spec.input_size)
     # bf16 autocast on accelerators only: Paddle's CPU has no bf16 kernels.

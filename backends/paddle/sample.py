@@ -75,8 +75,8 @@ class SampleAdapter(SampleBackend):
 
         return load_vae(path, self.device)
 
-    def generate(self, model, spec, recipe, settings, labels, rng, config) -> np.ndarray:
-        return generate(model, spec, recipe, settings, labels, rng, self.device, config["precision"])
+    def generate(self, model, spec, recipe, settings, labels, rng, config, null=None) -> np.ndarray:
+        return generate(model, spec, recipe, settings, labels, rng, self.device, config["precision"], null)
 
     def decode(self, vae, latents: np.ndarray, latent_scale: float) -> np.ndarray:
         from backends.paddle.vae import decode

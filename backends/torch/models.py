@@ -18,7 +18,8 @@ import torch.utils.checkpoint
 from backends.torch.wkv import wkv6, wkv6_fla
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
-from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, TEXT_NORM_EPS, DiRSpec
+from common.text import EOS_ID
 
 
 def modulate(x, shift, scale):
@@ -88,6 +89,15 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels):
         return self.embedding_table(labels)
+
+
+def first_eos_position(ids):
+    """[N, L] token ids -> [N] int64: each row's first end-of-text position, 0 when it has none
+    (computed without relying on how argmax breaks ties)."""
+    length = ids.shape[1]
+    weight = (ids == EOS_ID).long() * (length - torch.arange(length, device=ids.device))
+    best = weight.max(dim=1).values
+    return torch.where(best > 0, length - best, torch.zeros_like(best))
 
 
 def index_buffer(values):
@@ -165,6 +175,55 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
 
 
+class TextBlock(nn.Module):
+    """A block of the caption encoder, RWKV-6 as a language model: pre-LayerNorms with affine
+    parameters (``ln0`` before the first block), causal TimeMix and ChannelMix. [N, L, W] -> [N, L, W]."""
+
+    def __init__(self, spec: DiRSpec, index: int):
+        super().__init__()
+        w = spec.hidden_size  # the text encoder's own spec (DiRSpec.text_encoder_spec)
+        layout = BlockLayout(spec, index)
+        self.ln0 = nn.LayerNorm(w, eps=TEXT_NORM_EPS) if index == 0 else None
+        self.ln1 = nn.LayerNorm(w, eps=TEXT_NORM_EPS)
+        self.ln2 = nn.LayerNorm(w, eps=TEXT_NORM_EPS)
+        self.att = TimeMix(spec, layout)
+        self.ffn = ChannelMix(spec, layout)
+
+    def forward(self, x):
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        x = x + self.att(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """Captions as token ids [N, L] (``common/text.py``: pad 0, end-of-text 1) -> [N, D], as Di-R:
+    a causal RWKV-6 language model whose final state at the first end-of-text token is the caption's
+    embedding (projected to D when the widths differ). A caption whose first token is the
+    end-of-text (the empty caption, the null condition of guidance) gets the learned null embedding.
+    Pads after the end-of-text cannot reach it (causal), so any padded length gives the same result."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        text = spec.text_encoder_spec()
+        self.null_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
+        self.emb = nn.Embedding(spec.text_vocab, text.hidden_size)
+        self.blocks = nn.ModuleList(TextBlock(text, j) for j in range(text.depth))
+        self.ln_out = nn.LayerNorm(text.hidden_size, eps=TEXT_NORM_EPS)
+        self.proj = nn.Linear(text.hidden_size, spec.hidden_size) if spec.has_text_projection else None
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_out(x)
+        position = first_eos_position(ids)
+        pooled = x[torch.arange(x.shape[0], device=x.device), position]
+        if self.proj is not None:
+            pooled = self.proj(pooled)
+        return torch.where((position == 0)[:, None], self.null_embedding[None].to(pooled.dtype), pooled)
+
+
 class DiRBlock(nn.Module):
     """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
@@ -216,8 +275,9 @@ class FinalLayer(nn.Module):
 
 class DiR(nn.Module):
     """Diffusion RWKV: noisy inputs x [N, C, H, W], times t [N] (DDPM timesteps, or flow times
-    scaled by flow_time_scale), labels y [N] -> [N, out_channels, H, W] (the prediction: eps
-    or velocity; then DDPM's variance interpolation when learn_sigma)."""
+    scaled by flow_time_scale), conditions y (labels [N], or caption token ids [N, L] when
+    ``spec.condition`` is text) -> [N, out_channels, H, W] (the prediction: eps or velocity; then
+    DDPM's variance interpolation when learn_sigma)."""
 
     def __init__(self, spec: DiRSpec):
         super().__init__()
@@ -231,7 +291,10 @@ class DiR(nn.Module):
         else:
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
-        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        if spec.condition == "text":
+            self.text_encoder = TextEncoder(spec)
+        else:
+            self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
         self.blocks = nn.ModuleList(DiRBlock(spec, i) for i in range(spec.num_blocks))
         self.final_layer = FinalLayer(spec)
         self.recompute = False
@@ -248,6 +311,9 @@ class DiR(nn.Module):
             raise ValueError(f"wkv kernel '{kernel}': expected chunked or fla")
         for block in self.blocks:
             block.att.wkv_kernel = kernel
+        if self.spec.condition == "text":
+            for block in self.text_encoder.blocks:
+                block.att.wkv_kernel = kernel
 
     @classmethod
     def from_spec(cls, spec: DiRSpec, seed: int = 0) -> "DiR":
@@ -281,7 +347,7 @@ class DiR(nn.Module):
         x = self.x_embedder(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + (self.text_encoder(y) if self.spec.condition == "text" else self.y_embedder(y))
         in_block_outputs = []
         recompute = self.recompute and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
