@@ -59,6 +59,8 @@ class DiRSpec:
     # each block scans in. Specs saved before these fields existed read as raster/raster.
     token_shift: str = "raster"
     scan_order: str = "raster"
+    # eps of the blocks' adaLN LayerNorms (norm1, norm2): DiT's 1e-6; Di-R's imported blocks use 1e-5
+    block_norm_eps: float = LAYER_NORM_EPS
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -228,6 +230,8 @@ def validate(spec: DiRSpec) -> DiRSpec:
     if spec.token_shift == "q_shift" and spec.scan == "causal":
         _fail("token_shift", spec.token_shift, "q_shift mixes the right and lower neighbours too, so it is not "
               "causal; use scan: bidirectional, or token_shift: raster with scan: causal")
+    if not 0.0 < spec.block_norm_eps < 1.0:
+        _fail("block_norm_eps", spec.block_norm_eps, "must be in (0, 1)")
     if spec.condition not in CONDITION_CHOICES:
         _fail("condition", spec.condition, f"allowed: {', '.join(CONDITION_CHOICES)}")
     if spec.condition == "text":

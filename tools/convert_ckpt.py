@@ -76,6 +76,12 @@ def build_convert_parser() -> argparse.ArgumentParser:
                         help="the training recipe when the source has none: a JSON object (e.g. "
                              "'{\"objective\": \"ddpm\", \"diffusion_steps\": 1000, \"noise_schedule\": "
                              "\"linear\"}') or a JSON file; it must agree with the source's own recipe if it has one")
+    parser.add_argument("--input-size", type=int,
+                        help="--src-format di-r: the latent side the Di-R model was trained at (32 for 256 px images; "
+                             "a Di-R file does not record it)")
+    parser.add_argument("--pos-embed", choices=("none", "sincos"), default="none",
+                        help="--src-format di-r: whether it was trained with --is-pos-emb (sin-cos; default none, "
+                             "Di-R's default)")
     parser.add_argument("--bare", action="store_true",
                         help="write only the state dict (.pth/.pdparams/.ckpt) and the spec and recipe beside it "
                              "as DST.spec.json, instead of the training-checkpoint layout the samplers load")
@@ -97,8 +103,28 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 
 # ---- convert ------------------------------------------------------------------------------------
 
+def read_di_r_source(src: Path, args, given_recipe):
+    """(state, spec, recipe, where the recipe came from) of a yynil/Di-R v0 model.pth."""
+    from common.formats.di_r import DI_R_RECIPE, read_di_r
+    from common.recipe import Recipe
+
+    if args.input_size is None:
+        raise CliError("--src-format di-r needs --input-size: the latent side the model was trained at (32 for 256 "
+                       "px images, 64 for 512 px); a Di-R file does not record it")
+    contents = read_contents(src, "torch")
+    if contents.layout != "bare":
+        raise CliError(f"{src}: a Di-R model.pth is a flat state dict; this file is a training checkpoint of this "
+                       "project (convert it without --src-format di-r)")
+    state, spec = read_di_r(contents.sets["state"], args.input_size, args.pos_embed, str(src))
+    if given_recipe is not None:
+        return state, spec, given_recipe, "--recipe"
+    return state, spec, Recipe.from_dict(DI_R_RECIPE), "Di-R's training (DiT's diffusion, SD-VAE latents)"
+
+
 def convert(args: argparse.Namespace) -> list[Path]:
     src, dst = Path(args.src), Path(args.dst)
+    if (args.src_format or "").lower() in ("di-r", "dir", "di_r"):
+        return convert_di_r(src, dst, args)
     src_format = detect_format(src, args.src_format, "src")
     dst_format = detect_format(dst, args.dst_format, "dst")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
@@ -145,6 +171,28 @@ def convert(args: argparse.Namespace) -> list[Path]:
           f"({FORMAT_LABEL[src_format]}): {len(state)} tensors, {total:,} parameters"
           + (f"; recipe {recipe.objective} (from {recipe_origin})" if recipe is not None else "; no recipe")
           + (f"; spec{' and recipe' if recipe is not None else ''} in {written[1]}" if len(written) > 1 else ""))
+    return written
+
+
+def convert_di_r(src: Path, dst: Path, args) -> list[Path]:
+    dst_format = detect_format(dst, args.dst_format, "dst")
+    if dst.is_dir():
+        raise CliError(f"--dst {dst} is a folder; give a file name")
+    given_recipe = resolve_recipe_argument(args.recipe) if args.recipe is not None else None
+    state, spec, recipe, recipe_origin = read_di_r_source(src, args, given_recipe)
+    provenance = {"source": src.name, "source_format": "di-r (yynil/Di-R v0 model.pth)", "weights": "state",
+                  "dtype": args.dtype, "tool": "tools/convert_ckpt.py", "recipe": recipe_origin,
+                  "folded": "norm1/norm2 affine LayerNorms into adaLN_modulation (exact; block_norm_eps 1e-5)"}
+    try:
+        written = write_checkpoint(dst, dst_format, state, spec, dtype=args.dtype, step=None, config=None,
+                                   bare=args.bare, provenance=provenance, recipe=recipe)
+    except OSError as err:
+        raise CliError(f"cannot write {dst}: {err.strerror or err} (nothing was written)") from None
+    total = sum(int(value.size) for value in state.values())
+    print(f"{PROG}: wrote {written[0]} ({FORMAT_LABEL[dst_format]}, {args.dtype}) from Di-R v0 {src}: "
+          f"{len(state)} tensors, {total:,} parameters; {spec.hidden_size} wide, {spec.depth} blocks, text encoder "
+          f"{spec.text_hidden_size} x {spec.text_depth}, causal, positions {spec.pos_embed}, input {spec.input_size}; "
+          f"recipe from {recipe_origin}")
     return written
 
 

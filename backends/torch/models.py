@@ -239,9 +239,9 @@ class DiRBlock(nn.Module):
         self.skip_linear = nn.Linear(2 * d, d) if spec.is_out_block(index) else None
         self.register_buffer("order", index_buffer(layout.order), persistent=False)
         self.register_buffer("inverse_order", index_buffer(layout.inverse), persistent=False)
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=spec.block_norm_eps)
         self.att = TimeMix(spec, layout)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=spec.block_norm_eps)
         self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
