@@ -410,16 +410,32 @@ def digits_named(caption: str) -> list[int]:
     return found
 
 
-def train_digit_captions(labels: Sequence[int], seed: int = 0) -> list[str]:
-    """The training caption of each image: ``labels`` ``[N]`` (0..9) -> ``N`` captions.
+# Context a training caption may be wrapped in, so the text encoder learns that the digit's name or
+# numeral is what matters, wherever it stands and whatever surrounds it (none of these words occurs in a
+# held-out phrasing: tested).
+TRAIN_CAPTION_PREFIXES = ("", "", "here is ", "this shows ", "look: ", "scanned: ", "photo of ", "picture: ")
+TRAIN_CAPTION_SUFFIXES = ("", "", " on paper", ", black and white", " in ink", ", small", ", centered",
+                          ", grayscale", " from a form", ", low resolution")
+DEFAULT_CAPTIONS_PER_IMAGE = 8
 
-    Image ``i`` gets training template ``T[i]`` of :data:`TRAIN_DIGIT_TEMPLATES`, with ``T``
-    drawn once from ``numpy.random.default_rng([seed, 15])``: a pure function of
-    (labels, seed), the same on every process and every epoch. Held-out phrasings never occur.
+
+def train_digit_captions(labels: Sequence[int], seed: int = 0, per_image: int = 1) -> list[str]:
+    """Training captions: ``labels`` ``[N]`` (0..9) -> ``N * per_image`` captions, image ``i``'s
+    ``per_image`` captions at ``[i * per_image, (i + 1) * per_image)``.
+
+    Each is a training template of :data:`TRAIN_DIGIT_TEMPLATES` filled in for the digit, between a
+    prefix of :data:`TRAIN_CAPTION_PREFIXES` and a suffix of :data:`TRAIN_CAPTION_SUFFIXES`, all drawn
+    once from ``numpy.random.default_rng([seed, 15])``: a pure function of (labels, seed, per_image),
+    the same on every process and every epoch. Held-out phrasings never occur.
     """
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    choice = np.random.default_rng([seed, 15]).integers(len(TRAIN_DIGIT_TEMPLATES), size=len(labels))
-    return [digit_caption(label, TRAIN_DIGIT_TEMPLATES[t]) for label, t in zip(labels, choice)]
+    rng = np.random.default_rng([seed, 15])
+    n = len(labels) * per_image
+    templates = rng.integers(len(TRAIN_DIGIT_TEMPLATES), size=n)
+    prefixes = rng.integers(len(TRAIN_CAPTION_PREFIXES), size=n)
+    suffixes = rng.integers(len(TRAIN_CAPTION_SUFFIXES), size=n)
+    return [TRAIN_CAPTION_PREFIXES[prefixes[j]] + digit_caption(labels[j // per_image], TRAIN_DIGIT_TEMPLATES[t])
+            + TRAIN_CAPTION_SUFFIXES[suffixes[j]] for j, t in enumerate(templates)]
 
 
 def held_out_digit_prompts(per_digit: int = HELD_OUT_TEMPLATE_COUNT,
@@ -446,20 +462,23 @@ class DigitCaptionSource:
     """The embedded text-to-image default: ``digits`` (scikit-learn, 1797) or ``mnist`` (4500 train), captioned.
 
     Same images as :class:`common.data.DigitsSource` / :class:`common.data.MnistSource`
-    (``[1, S, S]`` float32 in [-1, 1]), each with its fixed training caption
-    (:func:`train_digit_captions` with ``seed``). Items are ``(x, caption, skipped [3] int64 zeros)``;
-    ``labels`` ``[N]`` int64 and ``captions`` stay available for evaluation.
+    (``[1, S, S]`` float32 in [-1, 1]), each image ``per_image`` times with a fixed caption apiece
+    (:func:`train_digit_captions` with ``seed``): item ``j`` is image ``j // per_image``. Items are
+    ``(x, caption, skipped [3] int64 zeros)``; ``labels`` ``[N * per_image]`` int64 and ``captions``
+    stay available for evaluation.
     """
 
-    def __init__(self, image_size: int, dataset: str = "digits", seed: int = 0):
+    def __init__(self, image_size: int, dataset: str = "digits", seed: int = 0,
+                 per_image: int = DEFAULT_CAPTIONS_PER_IMAGE):
         if dataset == "digits":
             images = DigitsSource(image_size)
         elif dataset == "mnist":
             images = MnistSource(image_size)
         else:
             raise DataError(f"captioned digits: dataset '{dataset}' unknown; expected digits or mnist")
-        self.images, self.labels = images, images.labels
-        self.captions = train_digit_captions(self.labels, seed)
+        self.images, self.per_image = images, per_image
+        self.labels = np.repeat(images.labels, per_image)
+        self.captions = train_digit_captions(images.labels, seed, per_image)
         self.in_channels, self.num_classes, self.class_names = 1, None, None
         self.image_size, self.dataset, self.seed = image_size, dataset, seed
 
@@ -467,8 +486,9 @@ class DigitCaptionSource:
         return len(self.labels)
 
     def __getitem__(self, key):
-        x, _, _ = self.images[key]
-        return x, self.captions[key[0]], no_skips()
+        index, flip = key
+        x, _, _ = self.images[(index // self.per_image, flip)]
+        return x, self.captions[index], no_skips()
 
 
 # ---- what the trainer reads ------------------------------------------------------------------------

@@ -221,7 +221,7 @@ _MAX_EXPANSION = 200
 _ALWAYS_ALLOWED_BYTES = 64 << 20
 
 
-def _npz_member(archive, info, path: Path, check) -> np.ndarray:
+def read_npz_member(archive, info, path: Path, check) -> np.ndarray:
     """One ``.npy`` member of a samples .npz: its header checked (by ``check(shape, dtype)`` too) before its
     data is read, its declared size against the zip's, its CRC at the end."""
     from common.data import read_npy_data, read_npy_header
@@ -281,9 +281,9 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             keys = {name[:-4] for name in names if name.endswith(".npy")}
             if "arr_0" not in keys:
                 raise ValueError(f"{path}: no 'arr_0' (images) array; found {sorted(keys)}")
-            images = _npz_member(archive, archive.getinfo("arr_0.npy"), path, images_ok)
+            images = read_npz_member(archive, archive.getinfo("arr_0.npy"), path, images_ok)
             label_key = "labels" if "labels" in keys else "arr_1" if "arr_1" in keys else None
-            labels = None if label_key is None else _npz_member(archive, archive.getinfo(f"{label_key}.npy"), path,
+            labels = None if label_key is None else read_npz_member(archive, archive.getinfo(f"{label_key}.npy"), path,
                                                                 labels_ok)
     except DataError as err:  # a member's .npy header (its message names the file and the member)
         raise ValueError(str(err)) from None

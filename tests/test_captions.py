@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.captions import (
     BAD_ITEM_KINDS, DIGIT_CAPTION_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, HELD_OUT_TEMPLATE_COUNT, TRAIN_DIGIT_TEMPLATES,
-    BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
+    TRAIN_CAPTION_PREFIXES, TRAIN_CAPTION_SUFFIXES, BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
     digits_named, held_out_digit_prompts, read_zip_meta, train_digit_captions, write_zip_meta,
 )
 from common.data import DIGIT_NAMES, DataError, StepSampler, UnreadableItemWarning, center_crop_arr, uint8_to_model
@@ -263,14 +263,19 @@ def test_digit_templates_and_held_out_phrasings_never_trained_on():
     assert len(DIGIT_CAPTION_TEMPLATES) >= 8 + HELD_OUT_TEMPLATE_COUNT and HELD_OUT_TEMPLATE_COUNT == 2
     assert set(TRAIN_DIGIT_TEMPLATES).isdisjoint(HELD_OUT_DIGIT_TEMPLATES)
     assert TRAIN_DIGIT_TEMPLATES + HELD_OUT_DIGIT_TEMPLATES == DIGIT_CAPTION_TEMPLATES
-    source = DigitCaptionSource(S)  # scikit-learn's 1797 digits
+    source = DigitCaptionSource(S, per_image=3)  # scikit-learn's 1797 digits, 3 captions each
     labels = source.labels
-    captions = train_digit_captions(labels, seed=0)
-    assert captions == source.captions == train_digit_captions(labels, seed=0)  # a function of (labels, seed)
-    assert captions != train_digit_captions(labels, seed=1)
+    assert len(source) == len(labels) == 3 * 1797 and (labels[0::3] == labels[1::3]).all()
+    captions = train_digit_captions(source.images.labels, seed=0, per_image=3)
+    assert captions == source.captions == train_digit_captions(source.images.labels, 0, 3)  # a function of its inputs
+    assert captions != train_digit_captions(source.images.labels, seed=1, per_image=3)
     held_out = {digit_caption(d, t) for t in HELD_OUT_DIGIT_TEMPLATES for d in range(10)}
     assert held_out.isdisjoint(captions)
-    assert set(captions) == {digit_caption(d, t) for t in TRAIN_DIGIT_TEMPLATES for d in range(10)}  # all used
+    # every template, prefix and suffix is used
+    assert all(any(digit_caption(d, t) in c for c in captions for d in range(10)) for t in TRAIN_DIGIT_TEMPLATES)
+    assert all(any(c.startswith(p) for c in captions) for p in TRAIN_CAPTION_PREFIXES)
+    assert all(any(c.endswith(q) for c in captions) for q in TRAIN_CAPTION_SUFFIXES)
+    assert len(set(captions[:30])) > 20  # varied, even for one image
     # Not even the wording of a held-out phrasing, apart from the digit, appears in training.
     held_out_words = {w for t in HELD_OUT_DIGIT_TEMPLATES for w in re.findall(r"[a-z-]+", re.sub(r"\{\w+\}", "", t))
                       if w not in ("a", "as", "with")}
@@ -278,8 +283,8 @@ def test_digit_templates_and_held_out_phrasings_never_trained_on():
     assert held_out_words and held_out_words.isdisjoint(train_words), held_out_words & train_words
     for caption, label in zip(captions, labels):
         assert digits_named(caption) == [label], caption
-    x, caption, skipped = source[(5, True)]
-    assert x.shape == (1, S, S) and caption == captions[5] and skipped.tolist() == [0, 0, 0]
+    x, caption, skipped = source[(17, True)]  # image 5's third caption
+    assert x.shape == (1, S, S) and caption == captions[17] and skipped.tolist() == [0, 0, 0]
     np.testing.assert_array_equal(x, source.images[(5, False)][0][:, :, ::-1])
 
 
