@@ -416,6 +416,9 @@ def digits_named(caption: str) -> list[int]:
 TRAIN_CAPTION_PREFIXES = ("", "", "here is ", "this shows ", "look: ", "scanned: ", "photo of ", "picture: ")
 TRAIN_CAPTION_SUFFIXES = ("", "", " on paper", ", black and white", " in ink", ", small", ", centered",
                           ", grayscale", " from a form", ", low resolution")
+# Words slipped in at random places (up to two a caption), so no one sequence of context words is learned.
+TRAIN_CAPTION_FILLERS = ("old", "neat", "messy", "faded", "bold", "thin", "tiny", "large", "dark", "clear",
+                         "rough", "simple", "plain", "quick", "careful", "slanted")
 DEFAULT_CAPTIONS_PER_IMAGE = 8
 
 
@@ -424,7 +427,8 @@ def train_digit_captions(labels: Sequence[int], seed: int = 0, per_image: int = 
     ``per_image`` captions at ``[i * per_image, (i + 1) * per_image)``.
 
     Each is a training template of :data:`TRAIN_DIGIT_TEMPLATES` filled in for the digit, between a
-    prefix of :data:`TRAIN_CAPTION_PREFIXES` and a suffix of :data:`TRAIN_CAPTION_SUFFIXES`, all drawn
+    prefix of :data:`TRAIN_CAPTION_PREFIXES` and a suffix of :data:`TRAIN_CAPTION_SUFFIXES`, with up
+    to two words of :data:`TRAIN_CAPTION_FILLERS` slipped in at random word boundaries, all drawn
     once from ``numpy.random.default_rng([seed, 15])``: a pure function of (labels, seed, per_image),
     the same on every process and every epoch. Held-out phrasings never occur.
     """
@@ -434,8 +438,17 @@ def train_digit_captions(labels: Sequence[int], seed: int = 0, per_image: int = 
     templates = rng.integers(len(TRAIN_DIGIT_TEMPLATES), size=n)
     prefixes = rng.integers(len(TRAIN_CAPTION_PREFIXES), size=n)
     suffixes = rng.integers(len(TRAIN_CAPTION_SUFFIXES), size=n)
-    return [TRAIN_CAPTION_PREFIXES[prefixes[j]] + digit_caption(labels[j // per_image], TRAIN_DIGIT_TEMPLATES[t])
-            + TRAIN_CAPTION_SUFFIXES[suffixes[j]] for j, t in enumerate(templates)]
+    fillers = rng.integers(len(TRAIN_CAPTION_FILLERS), size=(n, 2))
+    counts = rng.integers(0, 3, size=n)
+    places = rng.random((n, 2))
+    captions = []
+    for j, t in enumerate(templates):
+        words = (TRAIN_CAPTION_PREFIXES[prefixes[j]] + digit_caption(labels[j // per_image], TRAIN_DIGIT_TEMPLATES[t])
+                 + TRAIN_CAPTION_SUFFIXES[suffixes[j]]).split(" ")
+        for k in range(counts[j]):
+            words.insert(int(places[j, k] * (len(words) + 1)), TRAIN_CAPTION_FILLERS[fillers[j, k]])
+        captions.append(" ".join(words))
+    return captions
 
 
 def held_out_digit_prompts(per_digit: int = HELD_OUT_TEMPLATE_COUNT,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.captions import (
     BAD_ITEM_KINDS, DIGIT_CAPTION_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, HELD_OUT_TEMPLATE_COUNT, TRAIN_DIGIT_TEMPLATES,
-    TRAIN_CAPTION_PREFIXES, TRAIN_CAPTION_SUFFIXES, BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
+    TRAIN_CAPTION_FILLERS, TRAIN_CAPTION_PREFIXES, TRAIN_CAPTION_SUFFIXES, BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
     digits_named, held_out_digit_prompts, read_zip_meta, train_digit_captions, write_zip_meta,
 )
 from common.data import DIGIT_NAMES, DataError, StepSampler, UnreadableItemWarning, center_crop_arr, uint8_to_model
@@ -275,6 +275,7 @@ def test_digit_templates_and_held_out_phrasings_never_trained_on():
     assert all(any(digit_caption(d, t) in c for c in captions for d in range(10)) for t in TRAIN_DIGIT_TEMPLATES)
     assert all(any(c.startswith(p) for c in captions) for p in TRAIN_CAPTION_PREFIXES)
     assert all(any(c.endswith(q) for c in captions) for q in TRAIN_CAPTION_SUFFIXES)
+    assert all(any(f" {w} " in f" {c} " for c in captions) for w in TRAIN_CAPTION_FILLERS)
     assert len(set(captions[:30])) > 20  # varied, even for one image
     # Not even the wording of a held-out phrasing, apart from the digit, appears in training.
     held_out_words = {w for t in HELD_OUT_DIGIT_TEMPLATES for w in re.findall(r"[a-z-]+", re.sub(r"\{\w+\}", "", t))

@@ -16,7 +16,8 @@ from common.data import StepSampler
 
 
 class SourceDataset:
-    """A map-style dataset keyed by ``(index, flip)``; items are (x, label, skipped)."""
+    """A map-style dataset keyed by ``(index, flip)``; items are (x, label, skipped), the label a
+    class id or a caption's token ids ([text_max_tokens] int64)."""
 
     def __init__(self, source):
         self.source = source
@@ -36,7 +37,8 @@ class SourceDataset:
 
 
 def build_loader(source, step_sampler: StepSampler, start_step: int, num_workers: int = 0) -> Iterator:
-    """Endless iterator of (x [B, C, H, W] float32, y [B] int64, skipped [B] int64) numpy micro-batches.
+    """Endless iterator of (x [B, C, H, W] float32, y [B] (or caption ids [B, L]) int64, skipped [B] int64)
+    numpy micro-batches.
 
     Batches depend only on the step, so a resumed run reads what the uninterrupted one did.
     ``num_workers`` > 0 reads that many micro-batches ahead in threads.

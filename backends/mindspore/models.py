@@ -7,8 +7,9 @@ attribute paths, which MindSpore also writes into each ``Parameter.name``) equal
 the canonical names of ``common/params.py`` through the MindSpore column of
 ``common/param_mapping.py``: ``nn.Embedding`` keeps its table in ``.embedding_table``,
 so the canonical ``y_embedder.embedding_table.weight`` is
-``y_embedder.embedding_table.embedding_table``; GroupNorm's weight/bias are
-``gamma``/``beta``; every other name and layout is the canonical one (Dense weights are [out, in]). Weights are loaded from that table, so
+``y_embedder.embedding_table.embedding_table`` (and ``text_encoder.emb.weight`` is
+``text_encoder.emb.embedding_table``); GroupNorm's and the text encoder's LayerNorms'
+weight/bias are ``gamma``/``beta``; every other name and layout is the canonical one (Dense weights are [out, in]). Weights are loaded from that table, so
 init is the numpy init shared by every backend.
 
 Ops used, and where they run:
@@ -18,7 +19,10 @@ Ops used, and where they run:
   cumsum, concat, flip): CPU, GPU and Ascend.
 * The affine-free LayerNorm of adaLN is written out (mean / variance over D), not
   ``mint.nn.functional.layer_norm`` (Ascend-only) nor ``nn.LayerNorm`` (which would
-  add gamma/beta parameters the canonical table does not have).
+  add gamma/beta parameters the canonical table does not have). The text encoder's
+  LayerNorms have those parameters, so they are ``nn.LayerNorm`` (CPU, GPU, Ascend).
+* The text encoder's pooled state is one ``ops.gather_elements`` along the tokens (each
+  row's first end-of-text position), which compiles and differentiates in both modes.
 * No ``mint.*`` op is used: ``mint`` conv2d / layer_norm / gelu are Ascend-only in
   MindSpore 2.x, and the ``ops`` / ``nn`` forms above compile to the Ascend kernels
   on Ascend too.
@@ -43,7 +47,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from backends.mindspore.wkv import default_branch, wkv6
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
-from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, TEXT_NORM_EPS, DiRSpec
+from common.text import EOS_ID
 
 EXECUTION_MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 
@@ -172,6 +177,15 @@ class LabelEmbedder(nn.Cell):
         return self.embedding_table(labels)
 
 
+def first_eos_position(ids):
+    """[N, L] token ids -> [N] int64: each row's first end-of-text position, 0 when it has none
+    (computed without relying on how argmax breaks ties)."""
+    length = ids.shape[1]
+    weight = (ids == EOS_ID).astype(ms.int64) * (length - ops.arange(length, dtype=ms.int64))
+    best = ops.amax(weight, 1)
+    return ops.where(best > 0, length - best, ops.zeros_like(best))
+
+
 class TimeMix(nn.Cell):
     """RWKV-6 time mixing: data-dependent token shift and decay, WKV6 over H heads.
 
@@ -247,6 +261,56 @@ class ChannelMix(nn.Cell):
         return ops.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k * k)
 
 
+class TextBlock(nn.Cell):
+    """A block of the caption encoder, RWKV-6 as a language model: pre-LayerNorms with affine
+    parameters (``ln0`` before the first block), causal TimeMix and ChannelMix. [N, L, W] -> [N, L, W]."""
+
+    def __init__(self, spec: DiRSpec, index: int):
+        super().__init__()
+        w = spec.hidden_size  # the text encoder's own spec (DiRSpec.text_encoder_spec)
+        layout = BlockLayout(spec, index)
+        self.ln0 = nn.LayerNorm((w,), epsilon=TEXT_NORM_EPS) if index == 0 else None
+        self.ln1 = nn.LayerNorm((w,), epsilon=TEXT_NORM_EPS)
+        self.ln2 = nn.LayerNorm((w,), epsilon=TEXT_NORM_EPS)
+        self.att = TimeMix(spec, layout)
+        self.ffn = ChannelMix(spec, layout)
+
+    def construct(self, x):
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        x = x + self.att(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class TextEncoder(nn.Cell):
+    """Captions as token ids [N, L] (``common/text.py``: pad 0, end-of-text 1) -> [N, D], as Di-R:
+    a causal RWKV-6 language model whose final state at the first end-of-text token is the caption's
+    embedding (projected to D when the widths differ). A caption whose first token is the
+    end-of-text (the empty caption, the null condition of guidance) gets the learned null embedding.
+    Pads after the end-of-text cannot reach it (causal), so any padded length gives the same result."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        text = spec.text_encoder_spec()
+        self.null_embedding = Parameter(Tensor(np.zeros(spec.hidden_size, np.float32)))
+        self.emb = nn.Embedding(spec.text_vocab, text.hidden_size)
+        self.blocks = nn.CellList([TextBlock(text, j) for j in range(text.depth)])
+        self.ln_out = nn.LayerNorm((text.hidden_size,), epsilon=TEXT_NORM_EPS)
+        self.proj = nn.Dense(text.hidden_size, spec.hidden_size) if spec.has_text_projection else None
+
+    def construct(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_out(x)
+        position = first_eos_position(ids)
+        index = ops.broadcast_to(position.reshape(-1, 1, 1), (x.shape[0], 1, x.shape[2]))
+        pooled = ops.gather_elements(x, 1, index).squeeze(1)
+        if self.proj is not None:
+            pooled = self.proj(pooled)
+        return ops.where((position == 0)[:, None], self.null_embedding[None].astype(pooled.dtype), pooled)
+
+
 class DiRBlock(nn.Cell):
     """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
@@ -262,9 +326,9 @@ class DiRBlock(nn.Cell):
         self.skip_linear = nn.Dense(2 * d, d) if spec.is_out_block(index) else None
         self.order = index_buffer(layout.order)
         self.inverse_order = index_buffer(layout.inverse)
-        self.norm1 = LayerNorm(LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(spec.block_norm_eps)
         self.att = TimeMix(spec, layout)
-        self.norm2 = LayerNorm(LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(spec.block_norm_eps)
         self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 6 * d))
 
@@ -298,8 +362,9 @@ class FinalLayer(nn.Cell):
 
 class DiR(nn.Cell):
     """Diffusion RWKV: noisy inputs x [N, C, H, W], times t [N] (DDPM timesteps, or flow times
-    scaled by flow_time_scale), labels y [N] -> [N, out_channels, H, W] (the prediction: eps
-    or velocity; then DDPM's variance interpolation when learn_sigma)."""
+    scaled by flow_time_scale), conditions y (labels [N], or caption token ids [N, L] when
+    ``spec.condition`` is text) -> [N, out_channels, H, W] (the prediction: eps or velocity; then
+    DDPM's variance interpolation when learn_sigma)."""
 
     def __init__(self, spec: DiRSpec):
         super().__init__()
@@ -313,10 +378,15 @@ class DiR(nn.Cell):
         else:
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
-        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        if spec.condition == "text":
+            self.text_encoder = TextEncoder(spec)
+        else:
+            self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
         self.blocks = nn.CellList([DiRBlock(spec, i) for i in range(spec.num_blocks)])
         self.final_layer = FinalLayer(spec)
-        # The skip wiring as plain ints (a Graph-mode construct reads constants, not spec methods).
+        # The condition kind and the skip wiring as plain values (a Graph-mode construct reads
+        # constants, not spec methods).
+        self.text_condition = spec.condition == "text"
         self.num_in_blocks = spec.num_in_blocks
         self.skip_sources = tuple(spec.skip_source(i) if spec.is_out_block(i) else -1 for i in range(spec.num_blocks))
         self.out_channels, self.patch_size, self.grid_size = spec.out_channels, spec.patch_size, spec.grid_size
@@ -363,9 +433,13 @@ class DiR(nn.Cell):
                 for info in parameter_table(self.spec)}
 
     def set_wkv_branch(self, branch: str) -> None:
-        """"auto" (data-dependent, PyNative only) or "safe" (compiles) for every block."""
+        """"auto" (data-dependent, PyNative only) or "safe" (compiles) for every block (the text
+        encoder's too)."""
         for block in self.blocks:
             block.att.wkv_branch = branch
+        if self.text_condition:
+            for block in self.text_encoder.blocks:
+                block.att.wkv_branch = branch
 
     def unpatchify(self, x):
         """[N, T, p*p*C] -> [N, C, H, W]."""
@@ -377,7 +451,7 @@ class DiR(nn.Cell):
         x = self.x_embedder(x)
         if self.has_pos_embed:
             x = x + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + (self.text_encoder(y) if self.text_condition else self.y_embedder(y))
         in_block_outputs = []
         i = 0
         for block in self.blocks:

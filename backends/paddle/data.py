@@ -13,7 +13,8 @@ from common.data import StepSampler
 
 
 class SourceDataset(Dataset):
-    """A map-style dataset keyed by ``(index, flip)``; items are (x, label, skipped)."""
+    """A map-style dataset keyed by ``(index, flip)``; items are (x, label, skipped), the label a
+    class id or a caption's token ids ([text_max_tokens] int64)."""
 
     def __init__(self, source):
         super().__init__()
@@ -24,7 +25,7 @@ class SourceDataset(Dataset):
 
     def __getitem__(self, key):
         x, label, skipped = self.source[key]
-        return np.ascontiguousarray(x, dtype=np.float32), np.int64(label), np.int64(skipped)
+        return np.ascontiguousarray(x, dtype=np.float32), np.asarray(label, dtype=np.int64), np.int64(skipped)
 
 
 class _MicroBatches(BatchSampler):
@@ -41,7 +42,8 @@ class _MicroBatches(BatchSampler):
 
 
 def build_loader(source, step_sampler: StepSampler, start_step: int, num_workers: int = 0) -> DataLoader:
-    """Endless loader of (x [B, C, H, W] float32, y [B] int64, skipped [B] int64) micro-batches.
+    """Endless loader of (x [B, C, H, W] float32, y [B] (or caption ids [B, L]) int64, skipped [B] int64)
+    micro-batches.
 
     Batches depend only on the step, so a resumed run reads what the uninterrupted one did.
     """

@@ -20,7 +20,8 @@ from paddle.distributed.fleet.utils import recompute as fleet_recompute
 from backends.paddle.wkv import wkv6
 from common.params import check_state, init_canonical, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
-from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, DiRSpec
+from common.spec import FREQUENCY_EMBEDDING_SIZE, GROUP_NORM_EPS, LAYER_NORM_EPS, MAX_PERIOD, TEXT_NORM_EPS, DiRSpec
+from common.text import EOS_ID
 
 
 def modulate(x, shift, scale):
@@ -97,6 +98,15 @@ class LabelEmbedder(nn.Layer):
         return self.embedding_table(labels)
 
 
+def first_eos_position(ids):
+    """[N, L] token ids -> [N] int64: each row's first end-of-text position, 0 when it has none
+    (computed without relying on how argmax breaks ties)."""
+    length = ids.shape[1]
+    weight = (ids == EOS_ID).astype("int64") * (length - paddle.arange(length, dtype="int64"))
+    best = weight.max(axis=1)
+    return paddle.where(best > 0, length - best, paddle.zeros_like(best))
+
+
 def index_buffer(values):
     """A constant int64 index (moves with the layer, never saved), or None."""
     return None if values is None else paddle.to_tensor(values)
@@ -170,6 +180,55 @@ class ChannelMix(nn.Layer):
         return F.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
 
 
+class TextBlock(nn.Layer):
+    """A block of the caption encoder, RWKV-6 as a language model: pre-LayerNorms with affine
+    parameters (``ln0`` before the first block), causal TimeMix and ChannelMix. [N, L, W] -> [N, L, W]."""
+
+    def __init__(self, spec: DiRSpec, index: int):
+        super().__init__()
+        w = spec.hidden_size  # the text encoder's own spec (DiRSpec.text_encoder_spec)
+        layout = BlockLayout(spec, index)
+        self.ln0 = nn.LayerNorm(w, epsilon=TEXT_NORM_EPS) if index == 0 else None
+        self.ln1 = nn.LayerNorm(w, epsilon=TEXT_NORM_EPS)
+        self.ln2 = nn.LayerNorm(w, epsilon=TEXT_NORM_EPS)
+        self.att = TimeMix(spec, layout)
+        self.ffn = ChannelMix(spec, layout)
+
+    def forward(self, x):
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        x = x + self.att(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class TextEncoder(nn.Layer):
+    """Captions as token ids [N, L] (``common/text.py``: pad 0, end-of-text 1) -> [N, D], as Di-R:
+    a causal RWKV-6 language model whose final state at the first end-of-text token is the caption's
+    embedding (projected to D when the widths differ). A caption whose first token is the
+    end-of-text (the empty caption, the null condition of guidance) gets the learned null embedding.
+    Pads after the end-of-text cannot reach it (causal), so any padded length gives the same result."""
+
+    def __init__(self, spec: DiRSpec):
+        super().__init__()
+        text = spec.text_encoder_spec()
+        self.null_embedding = _zeros_parameter(self, [spec.hidden_size])
+        self.emb = nn.Embedding(spec.text_vocab, text.hidden_size)
+        self.blocks = nn.LayerList([TextBlock(text, j) for j in range(text.depth)])
+        self.ln_out = nn.LayerNorm(text.hidden_size, epsilon=TEXT_NORM_EPS)
+        self.proj = nn.Linear(text.hidden_size, spec.hidden_size) if spec.has_text_projection else None
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_out(x)
+        position = first_eos_position(ids)
+        pooled = x[paddle.arange(x.shape[0]), position]
+        if self.proj is not None:
+            pooled = self.proj(pooled)
+        return paddle.where((position == 0)[:, None], self.null_embedding[None].astype(pooled.dtype), pooled)
+
+
 class DiRBlock(nn.Layer):
     """adaLN-Zero RWKV-6 block number ``index``; out-blocks of a skip model first fuse their long skip.
 
@@ -185,9 +244,9 @@ class DiRBlock(nn.Layer):
         self.skip_linear = nn.Linear(2 * d, d) if spec.is_out_block(index) else None
         self.register_buffer("order", index_buffer(layout.order), persistable=False)
         self.register_buffer("inverse_order", index_buffer(layout.inverse), persistable=False)
-        self.norm1 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
+        self.norm1 = nn.LayerNorm(d, epsilon=spec.block_norm_eps, weight_attr=False, bias_attr=False)
         self.att = TimeMix(spec, layout)
-        self.norm2 = nn.LayerNorm(d, epsilon=LAYER_NORM_EPS, weight_attr=False, bias_attr=False)
+        self.norm2 = nn.LayerNorm(d, epsilon=spec.block_norm_eps, weight_attr=False, bias_attr=False)
         self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.Sequential(nn.Silu(), nn.Linear(d, 6 * d))
 
@@ -221,8 +280,9 @@ class FinalLayer(nn.Layer):
 
 class DiR(nn.Layer):
     """Diffusion RWKV: noisy inputs x [N, C, H, W], times t [N] (DDPM timesteps, or flow times
-    scaled by flow_time_scale), labels y [N] -> [N, out_channels, H, W] (the prediction: eps
-    or velocity; then DDPM's variance interpolation when learn_sigma)."""
+    scaled by flow_time_scale), conditions y (labels [N], or caption token ids [N, L] when
+    ``spec.condition`` is text) -> [N, out_channels, H, W] (the prediction: eps or velocity; then
+    DDPM's variance interpolation when learn_sigma)."""
 
     def __init__(self, spec: DiRSpec):
         super().__init__()
@@ -236,10 +296,14 @@ class DiR(nn.Layer):
         else:
             self.pos_embed = None
         self.t_embedder = TimestepEmbedder(spec.hidden_size)
-        self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
+        if spec.condition == "text":
+            self.text_encoder = TextEncoder(spec)
+        else:
+            self.y_embedder = LabelEmbedder(spec.num_classes, spec.hidden_size, spec.class_dropout_prob)
         self.blocks = nn.LayerList([DiRBlock(spec, i) for i in range(spec.num_blocks)])
         self.final_layer = FinalLayer(spec)
         # Plain Python values for forward: paddle.jit.to_static (SOT) cannot trace the spec's methods.
+        self.text_condition = spec.condition == "text"
         self.num_in_blocks = spec.num_in_blocks
         self.out_blocks = [spec.is_out_block(i) for i in range(spec.num_blocks)]
         self.out_channels = spec.out_channels
@@ -285,7 +349,7 @@ class DiR(nn.Layer):
         x = self.x_embedder(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + (self.text_encoder(y) if self.text_condition else self.y_embedder(y))
         in_block_outputs = []
         recompute = self.recompute and self.training and paddle.is_grad_enabled()
         for i, block in enumerate(self.blocks):
