@@ -39,10 +39,9 @@ def rel(a, b):
 
 
 def values_and_grads(fn, inputs, grad_out, **kwargs):
-    tensors = [Tensor(x) for x in inputs]
-    out = fn(*tensors, **kwargs)
-    grads = ms.grad(lambda *xs: (fn(*xs, **kwargs) * Tensor(grad_out)).sum(), grad_position=(0, 1, 2, 3, 4))(*tensors)
-    return out.asnumpy(), [g.asnumpy() for g in grads]
+    """fn's output and its vector-Jacobian product with grad_out for every input (one forward pass)."""
+    out, vjp = ms.vjp(lambda *xs: fn(*xs, **kwargs), *(Tensor(x) for x in inputs))
+    return out.asnumpy(), [g.asnumpy() for g in vjp(Tensor(grad_out))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,3 +113,108 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="branch"):
         wkv6(*inputs, branch="fast")
     assert ops.isfinite(wkv6(*inputs)).all()
+
+
+def _strong_second_chunk(dtype, strong, length=32, chunk=16):
+    """'init' decays (batch 1) with the second chunk's log-decays set to ``strong``, too strong to
+    factorise over a chunk."""
+    r, k, v, w, u = make_inputs(length, dtype, "init", batch=1)
+    w[:, chunk:2 * chunk] = strong
+    return r, k, v, w, u
+
+
+@functools.lru_cache(maxsize=None)
+def strong_reference(dtype_name, strong):
+    """Values and gradients of the causal loop over _strong_second_chunk (shared by both branches)."""
+    dtype = np.dtype(dtype_name).type
+    inputs = _strong_second_chunk(dtype, strong)
+    grad_out = np.random.default_rng(1).standard_normal(inputs[0].shape).astype(dtype)
+    return inputs, grad_out, values_and_grads(wkv6_reference, inputs, grad_out)
+
+
+STRONG_CASES = [("float64", -30.0, 1e-10), ("float32", -1e4, 1e-4)]  # sub-chunks factorise / go pairwise
+
+
+@pytest.mark.parametrize("dtype_name,strong,tol", STRONG_CASES)
+def test_chunks_take_the_fast_or_exact_path_independently(dtype_name, strong, tol, monkeypatch):
+    """"auto": the mild chunk factorises whole, the strongly decaying one is split (its sub-chunks
+    factorised at -30 in fp64, pairwise at -1e4 in fp32); values and every gradient exact."""
+    from backends.mindspore import wkv
+
+    inputs, grad_out, (ref, ref_grads) = strong_reference(dtype_name, strong)
+    assert 16 * abs(strong) > wkv.MAX_FACTORISED_EXPONENT[ms.float64 if dtype_name == "float64" else ms.float32]
+    taken = []
+    factorised = wkv._factorised_scores
+    monkeypatch.setattr(wkv, "_factorised_scores", lambda r, *a: taken.append(r.shape[0]) or factorised(r, *a))
+    out, grads = values_and_grads(wkv6, inputs, grad_out, chunk_size=16, sub_chunk_size=4)
+    assert taken[0] == 2, taken  # one mild chunk per head (2)
+    assert rel(out, ref) < tol
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a, b) < tol, name
+
+
+def graph_values_and_grads(inputs, grad_out, bidirectional, chunk_size=64, sub_chunk_size=16):
+    """wkv6 with branch="safe" compiled by ``ms.jit`` (Graph mode): its values and gradients."""
+    sens = Tensor(grad_out)
+
+    def forward(r, k, v, w, u):
+        return wkv6(r, k, v, w, u, bidirectional=bidirectional, chunk_size=chunk_size,
+                    sub_chunk_size=sub_chunk_size, branch="safe")
+
+    def loss(r, k, v, w, u):
+        return (forward(r, k, v, w, u) * sens).sum()
+
+    grad_fn = ms.grad(loss, grad_position=(0, 1, 2, 3, 4))
+
+    def both(r, k, v, w, u):  # one compiled graph
+        return forward(r, k, v, w, u), grad_fn(r, k, v, w, u)
+
+    out, grads = ms.jit(both)(*(Tensor(x) for x in inputs))
+    return out.asnumpy(), [g.asnumpy() for g in grads]
+
+
+@pytest.mark.parametrize("dtype_name,strong,tol", STRONG_CASES)
+def test_graph_mode_split_is_exact_for_mixed_decays(dtype_name, strong, tol):
+    """Graph mode's branch-free split (no factorised product anywhere) against the loop, values
+    and gradients, with a mild chunk next to a strongly (fp64) or extremely (fp32) decaying one."""
+    inputs, grad_out, (ref, ref_grads) = strong_reference(dtype_name, strong)
+    out, grads = graph_values_and_grads(inputs, grad_out, False, chunk_size=16, sub_chunk_size=4)
+    assert rel(out, ref) < tol
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a, b) < tol, name
+
+
+def test_graph_mode_split_is_exact_for_extreme_decays():
+    """Decays down to exp(-1e6) and exp(-inf) (floored at -1e4), default chunking over 40 tokens
+    (one 48-token chunk split 16 -> 4 -> pairwise), both directions: compiled values and
+    gradients against the loop."""
+    inputs = make_inputs(40, np.float32, "extreme", batch=1)
+    grad_out = np.random.default_rng(1).standard_normal(inputs[0].shape).astype(np.float32)
+    ref, ref_grads = values_and_grads(wkv6_reference, inputs, grad_out, bidirectional=True)
+    out, grads = graph_values_and_grads(inputs, grad_out, True)
+    assert np.isfinite(out).all() and rel(out, ref) < 1e-4
+    for name, a, b in zip("rkvu", [grads[i] for i in (0, 1, 2, 4)], [ref_grads[i] for i in (0, 1, 2, 4)]):
+        assert np.isfinite(a).all() and rel(a, b) < 1e-4, name
+    finite = np.isfinite(inputs[3])  # d/dw at w = -inf is not defined; elsewhere it must agree
+    assert np.isfinite(grads[3][finite]).all() and rel(grads[3][finite], ref_grads[3][finite]) < 1e-4
+
+
+def test_graph_mode_path_splits_down_to_four_token_blocks(monkeypatch):
+    """"safe" never factorises and scores pair by pair only 4-token blocks (a 64-token chunk
+    16 -> 4, a 16-token one - the demo's 4x4 grid - 16 -> 4), the cheap exact form Graph mode
+    compiles; "auto" with mild decays factorises whole chunks and never goes pairwise."""
+    from backends.mindspore import wkv
+
+    calls = []
+    for name in ("_factorised_scores", "_pairwise_scores"):
+        original = getattr(wkv, name)
+        monkeypatch.setattr(wkv, name, lambda r, *a, _name=name, _f=original: calls.append((_name, r.shape[-2]))
+                            or _f(r, *a))
+    for length in (16, 64):
+        inputs = [Tensor(x) for x in make_inputs(length, np.float32, "init", batch=1)]
+        calls.clear()
+        wkv6(*inputs, bidirectional=True, branch="safe")
+        assert set(calls) == {("_pairwise_scores", 4)}, (length, calls)
+        calls.clear()
+        wkv6(*inputs, bidirectional=True, branch="auto")
+        assert set(calls) == {("_factorised_scores", length)}, (length, calls)

@@ -128,3 +128,37 @@ def test_low_precision_inputs_keep_an_fp32_state():
     out = wkv6(*(t.astype("float16") for t in tensors(arrays)))  # Paddle's CPU has no bf16 kernels
     assert out.dtype == paddle.float16
     assert rel(out.astype("float32").numpy(), ref) < 2e-2
+
+
+def _strong_middle_chunk(length, dtype, chunk, strong):
+    """'init' decays with the middle chunk's log-decays set to ``strong`` (too strong to factorise)."""
+    arrays = make_inputs(length, dtype, "init", batch=1)
+    arrays[3][:, chunk:2 * chunk] = strong
+    return arrays
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype,tol,strong", [(np.float64, 1e-10, -30.0), (np.float32, 1e-4, -1e4)])
+def test_chunks_take_the_fast_or_exact_path_independently(bidirectional, dtype, tol, strong, monkeypatch):
+    """Mild chunks factorise, a strongly decaying chunk is split (its sub-chunks factorised at
+    -30 in fp64, pairwise at -1e4 in fp32): the mix is exact in values and every gradient."""
+    from backends.paddle import wkv
+
+    assert 16 * abs(strong) > wkv.MAX_FACTORISED_EXPONENT[paddle.float64 if dtype == np.float64 else paddle.float32]
+    taken = []
+    factorised = wkv._factorised_scores
+    monkeypatch.setattr(wkv, "_factorised_scores", lambda r, *a: taken.append(r.shape[0]) or factorised(r, *a))
+    arrays = _strong_middle_chunk(48, dtype, 16, strong)
+    grad_out = paddle.to_tensor(np.random.default_rng(1).standard_normal(arrays[0].shape).astype(dtype))
+    inputs = tensors(arrays, grad=True)
+    out = wkv6(*inputs, bidirectional=bidirectional, chunk_size=16, sub_chunk_size=4)
+    grads = grads_of(out, inputs, grad_out)
+    ref_inputs = tensors(arrays, grad=True)
+    ref = wkv6_reference(*ref_inputs, bidirectional=bidirectional)
+    ref_grads = grads_of(ref, ref_inputs, grad_out)
+    directions = 2 if bidirectional else 1
+    # the 2 mild chunks of each head and direction factorise whole; the strong one does not
+    assert taken[0] == 2 * 2 * directions, taken
+    assert rel(out.numpy(), ref.numpy()) < tol
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a, b) < tol, name

@@ -42,7 +42,7 @@ class SampleAdapter(SampleBackend):
     framework = "mindspore"
 
     def setup(self, config: dict) -> str:
-        resolve_wkv_kernel(config["wkv_kernel"], "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
+        resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
         if config["precision"] == "bf16":
             raise ConfigError("key 'precision' = 'bf16' is not supported by the MindSpore backend "
                               "(no bf16 kernels on CPU; use fp32)")

@@ -243,7 +243,7 @@ class TrainAdapter(TrainBackend):
 
     def setup(self, config: dict) -> None:
         self.config = config
-        resolve_wkv_kernel(config["wkv_kernel"], "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
+        resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "mindspore", on_cuda=False, fla_installed=False)  # "fla" is refused
         if config["precision"] == "bf16":
             raise ConfigError("key 'precision' = 'bf16' is not supported by the MindSpore backend "
                               "(no bf16 kernels on CPU; use fp32)")
@@ -260,7 +260,7 @@ class TrainAdapter(TrainBackend):
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"])
-        self.model.set_recompute(config["recompute"])
+        self.model.set_recompute(config.get("recompute", False))
         self.ema = build_ema(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.objective = build_objective(recipe, spec.learn_sigma)

@@ -19,27 +19,41 @@ tokens that ends before the query, measured from a chunk or sub-chunk boundary,
 so none is positive and nothing overflows in fp32 however strong the decay. The
 state and all sums are fp32 (fp64 for fp64 input).
 
-Factorised or pairwise scores (``branch``):
+Factorised or split scores (``branch``):
 
-* ``"auto"`` (PyNative; what PyTorch does): per call, look at the data and use the
-  one-matmul factorised product while the largest decay sum over a chunk stays
-  below ``MAX_FACTORISED_EXPONENT``, else split into sub-chunks with pairwise
-  exponents. The choice is a Python ``if`` on a tensor value, so it cannot be
-  compiled.
-* ``"safe"`` (Graph mode, the default under ``GRAPH_MODE``): never factorise;
-  always the recursive split into sub-chunks (16, then 4), pairwise at the bottom. It is the branch "auto" takes for
-  strong decays, exact for any decay (no exponent is positive), and equals the
-  factorised result up to fp32 rounding (measured ~1e-7 relative), so Graph and
-  PyNative agree with PyTorch to the same tolerance.
+* ``"auto"`` (PyNative; what PyTorch does): chunk by chunk, use the one-matmul
+  factorised product where the chunk's largest decay sum stays below
+  ``MAX_FACTORISED_EXPONENT``, else split that chunk into sub-chunks (each again
+  factorised or split, down to pairwise). The choice is a Python ``if`` on tensor
+  values, so it cannot be compiled.
+* ``"safe"`` (Graph mode, the default under ``GRAPH_MODE``): no data-dependent
+  branch. Every chunk is split into sub-chunks at every level (64 -> 16 -> 4, a
+  16-token chunk 16 -> 4) and only 4-token blocks are scored pair by pair: the
+  split's exponents are bounded by construction (all <= 0), so it is exact for any
+  decay and equals the factorised result up to fp32 rounding (~1e-7 relative).
 
-Ops: cumsum, exp, matmul, broadcasting arithmetic, concat, flip, reshape/transpose,
-comparisons of ``arange`` - all run on CPU, GPU and Ascend (no einsum, which is
-GPU-only in MindSpore, and no ``mint.*``).
+MindSpore idioms on CPU (each measured against the obvious spelling, forward and
+backward, in Graph mode and PyNative): products are 3-D ``BatchMatMul`` with its
+transpose flags over a flattened batch (4-D/5-D ``matmul`` with ``swapaxes`` is several
+times slower); broadcasting an operand and summing over an axis are matmuls with a ones
+vector (broadcasting elementwise kernels are ~10x slower than same-shape ones, and
+``ReduceSum`` - also the backward of ``Tile`` - ~10x slower than the matmul); the
+exclusive cumulative sums are a 0/1 triangular matrix times the log-decays (``CumSum`` is
+~4x slower); and the [B, T, H, K] -> (direction, head, time) layout, with the time
+reversal of the bidirectional copy, is one row gather whose backward is a gather too
+(transpose and flip kernels, and a gather's default scatter backward, are slow).
+
+Ops: exp, matmul / batched matmul, gather, tile, elementwise arithmetic, concat, split,
+unbind, reshape, comparisons of ``arange`` - all run on CPU, GPU and Ascend (no einsum,
+which is GPU-only in MindSpore, and no ``mint.*``).
 """
 from __future__ import annotations
 
+import functools
+
 import mindspore as ms
-from mindspore import ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
@@ -49,6 +63,14 @@ MIN_SUB_CHUNK_SIZE = 2  # below this a chunk is scored pair by pair
 LOG_DECAY_FLOOR = -1e4
 MAX_FACTORISED_EXPONENT = {ms.float32: 30.0, ms.float64: 300.0}
 BRANCHES = ("auto", "safe")
+# Added to the exponent of a key sub-chunk that is not earlier than the query's: exp() of it
+# is exactly 0 in fp32 and fp64 (every other exponent is a finite sum of log-decays >= -1e4),
+# so the key drops out of the product, and its gradient with it.
+_MASKED_EXPONENT = 4 * LOG_DECAY_FLOOR
+
+_bmm = ops.BatchMatMul()
+_bmm_nt = ops.BatchMatMul(transpose_b=True)  # a @ b^T
+_bmm_tn = ops.BatchMatMul(transpose_a=True)  # a^T @ b
 
 
 def default_branch() -> str:
@@ -64,10 +86,90 @@ def _flip_time(x):
     return ops.flip(x, (1,))
 
 
+# Constants (masks, 0/1 matrices, ones, the layout's indices) are built once in numpy and cached:
+# PyNative then runs no ops to make them, and Graph mode folds them at compile time.
+@functools.lru_cache(maxsize=256)
+def _constant(name: str, dtype, *sizes):
+    """The named constant as a Tensor of ``dtype`` (a MindSpore dtype)."""
+    np_dtype = ms.dtype_to_nptype(dtype)
+    if name == "ones":
+        return Tensor(np.ones(sizes, np_dtype))
+    (size,) = sizes
+    idx = np.arange(size)
+    if name == "earlier":  # [t, s]: s < t (strictly lower triangle)
+        value = idx[None, :] < idx[:, None]
+    elif name == "later":  # [t, s]: s > t
+        value = idx[None, :] > idx[:, None]
+    elif name == "between":  # [t*s, m]: s < m < t
+        value = ((idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None]))
+        value = value.reshape(size * size, size)
+    elif name == "not_earlier_exponent":  # [i, j]: _MASKED_EXPONENT where j >= i
+        value = (idx[None, :] >= idx[:, None]) * _MASKED_EXPONENT
+    elif name == "eye":
+        value = np.eye(size)
+    else:
+        raise ValueError(name)
+    return Tensor(value.astype(np_dtype))
+
+
 def _earlier_mask(size: int, dtype):
     """[size, size] with 1 where column s < row t (strictly lower triangle)."""
-    idx = ops.arange(size)
-    return (idx[None, :] < idx[:, None]).astype(dtype)
+    return _constant("earlier", dtype, size)
+
+
+def _tile_to(x, shape):
+    """A constant (no gradient) ``x`` tiled to ``shape`` (same rank): same-shape products are
+    ~10x faster than broadcasting ones on MindSpore's CPU kernels."""
+    reps = tuple(1 if a == b else b for a, b in zip(x.shape, shape))
+    return ops.tile(x, reps) if any(rep != 1 for rep in reps) else x
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _expand(x, shape):
+    """``x`` broadcast to ``shape`` (same rank, size-1 axes grow), as matmuls with a ones vector.
+
+    On MindSpore's CPU kernels a broadcasting product is ~10x slower than a same-shape one,
+    and the backward of a tiled operand is a ReduceSum that is slower still; a matmul with
+    ones is an outer product forward and a matmul backward, both ~10x faster.
+    """
+    start = 0
+    while start < len(shape):
+        if x.shape[start] == shape[start]:
+            start += 1
+            continue
+        end = start
+        while end < len(shape) and x.shape[end] != shape[end]:
+            end += 1
+        lead, grow, rest = _prod(x.shape[:start]), _prod(shape[start:end]), _prod(x.shape[end:])
+        if rest == 1:
+            y = ops.matmul(x.reshape(lead, 1), _constant("ones", x.dtype, 1, grow))
+        elif lead == 1:
+            y = ops.matmul(_constant("ones", x.dtype, grow, 1), x.reshape(1, rest))
+        else:
+            y = ops.matmul(_constant("ones", x.dtype, grow, 1), x.reshape(lead, 1, rest))
+        x = y.reshape(*x.shape[:start], *shape[start:end], *x.shape[end:])
+        start = end
+    return x
+
+
+def _sum_axis(x, axis: int, keepdims: bool = False):
+    """x.sum(axis) as a matmul with a ones vector (~5-10x faster than ReduceSum on CPU)."""
+    axis = axis % x.ndim
+    lead, size, rest = _prod(x.shape[:axis]), x.shape[axis], _prod(x.shape[axis + 1:])
+    if rest == 1:
+        out = ops.matmul(x.reshape(lead, size), _constant("ones", x.dtype, size, 1))
+    elif lead == 1:
+        out = ops.matmul(_constant("ones", x.dtype, 1, size), x.reshape(size, rest))
+    else:
+        out = ops.matmul(_constant("ones", x.dtype, 1, size), x.reshape(lead, size, rest))
+    kept = (*x.shape[:axis], 1, *x.shape[axis + 1:])
+    return out.reshape(kept if keepdims else kept[:axis] + kept[axis + 1:])
 
 
 # ---- reference ----------------------------------------------------------------------
@@ -94,18 +196,22 @@ def wkv6_reference(r, k, v, w, u, bidirectional: bool = False):
 
 
 # ---- chunked ------------------------------------------------------------------------
+def _prefix_matrix(size: int, dtype, reverse: bool):
+    """[size, size] 0/1 matrix summing the entries strictly before (after, if ``reverse``) each row."""
+    return _constant("later" if reverse else "earlier", dtype, size)
+
+
 def _exclusive_cumsum(x, dim: int):
-    """sum_{j < i} x_j along ``dim`` (exact: no subtraction of an inclusive sum)."""
-    dim = dim % x.ndim
-    first = ops.zeros_like(ops.narrow(x, dim, 0, 1))
-    shifted = ops.concat([first, ops.narrow(x, dim, 0, x.shape[dim] - 1)], dim)
-    return ops.cumsum(shifted, dim)
+    """sum_{j < i} x_j along ``dim`` (-2), as a 0/1 triangular matrix times x: a direct sum of
+    the entries before i (exact: no subtraction of an inclusive sum; ~4x faster than CumSum)."""
+    size = x.shape[-2]
+    return ops.matmul(_prefix_matrix(size, x.dtype, False), x.reshape(-1, size, x.shape[-1])).reshape(x.shape)
 
 
 def _reverse_exclusive_cumsum(x, dim: int):
-    """sum_{j > i} x_j along ``dim``."""
-    dim = dim % x.ndim
-    return ops.flip(_exclusive_cumsum(ops.flip(x, (dim,)), dim), (dim,))
+    """sum_{j > i} x_j along ``dim`` (-2)."""
+    size = x.shape[-2]
+    return ops.matmul(_prefix_matrix(size, x.dtype, True), x.reshape(-1, size, x.shape[-1])).reshape(x.shape)
 
 
 def _pairwise_scores(r, k, w):
@@ -113,90 +219,225 @@ def _pairwise_scores(r, k, w):
 
     The exponent w_{s+1} + ... + w_{t-1} is summed directly (a 0/1 matrix times w), not
     taken as a difference of cumulative sums, so a strong decay early in the sub-chunk
-    cannot cancel away the precision of the mild ones after it.
+    cannot cancel away the precision of the mild ones after it. r, k, w: [M, S, K].
     """
+    size, dk = r.shape[-2], r.shape[-1]
+    between = _constant("between", w.dtype, size)  # [t*s, m]: s < m < t
+    exponent = ops.matmul(between, w)  # [M, t*s, K], <= 0
+    keys = _expand(k.expand_dims(1), (k.shape[0], size, size, dk)).reshape(-1, size * size, dk) * ops.exp(exponent)
+    # one row of keys per query: [M*t, 1, K] @ [M*t, K, s]
+    scores = _bmm_nt(r.reshape(-1, 1, dk), keys.reshape(-1, size, dk)).reshape(-1, size, size)
+    return scores * _tile_to(_earlier_mask(size, r.dtype).expand_dims(0), scores.shape)
+
+
+def _factorisable(w, decay_before):
+    """Per chunk [M]: True where exp(sum of |w| over the chunk) stays below exp(MAX_FACTORISED_EXPONENT)."""
+    span_total = -ops.stop_gradient(decay_before[:, -1, :] + w[:, -1, :])
+    return span_total.max(axis=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]
+
+
+def _factorised_scores(r, k, w, decay_before):
+    """exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded."""
     size = r.shape[-2]
-    idx = ops.arange(size)
-    between = ops.logical_and(idx[None, :, None] < idx[None, None, :], idx[None, None, :] < idx[:, None, None])  # [t, s, m]
-    between = between.astype(w.dtype).reshape(size * size, size)
-    exponent = ops.matmul(between, w).reshape(*w.shape[:-2], size, size, w.shape[-1])  # <= 0
-    scores = (r[..., :, None, :] * k[..., None, :, :] * ops.exp(exponent)).sum(-1)
-    return scores * _earlier_mask(size, r.dtype)
-
-
-def _factorisable(w, decay_before) -> bool:
-    """True when exp(sum of |w| over any span) stays below exp(MAX_FACTORISED_EXPONENT)."""
-    span_total = -ops.stop_gradient(decay_before[..., -1, :] + w[..., -1, :])
-    return float(span_total.max()) <= MAX_FACTORISED_EXPONENT[w.dtype]
+    scores = _bmm_nt(r * ops.exp(decay_before), k * ops.exp(-(decay_before + w)))
+    return scores * _tile_to(_earlier_mask(size, r.dtype).expand_dims(0), scores.shape)
 
 
 def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int, branch: str):
     """scores[t, s] = sum_k r_t k_s exp(w_{s+1} + ... + w_{t-1}) for s < t, else 0.
 
-    r, k, w: [..., L, K]; ``decay_before`` is the exclusive cumsum of w along L.
-    Returns [..., L, L].
+    r, k, w: [M, L, K] (M: every chunk of every head and batch element); ``decay_before``
+    is the exclusive cumsum of w along L. Returns [M, L, L]. "auto" chooses between the
+    fast factorised form and the exact split chunk by chunk, so one strongly decaying
+    chunk does not slow the rest; "safe" always splits (no data-dependent branch).
     """
-    size = r.shape[-2]
-    if branch == "auto" and _factorisable(w, decay_before):
-        # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
-        earlier = _earlier_mask(size, r.dtype)
-        return ops.matmul(r * ops.exp(decay_before), (k * ops.exp(-(decay_before + w))).swapaxes(-1, -2)) * earlier
+    size, dk = r.shape[-2], r.shape[-1]
+    if branch == "auto":
+        bounded = _factorisable(w, decay_before)
+        if bool(bounded.all()):
+            return _factorised_scores(r, k, w, decay_before)
+        if bool(bounded.any()):
+            fast, slow = ops.nonzero(bounded).reshape(-1), ops.nonzero(~bounded).reshape(-1)
+            pick = lambda rows: [ops.gather(x, rows, 0) for x in (r, k, w, decay_before)]  # noqa: E731
+            # torch's two index_copy calls: both parts stacked, then gathered back into chunk order
+            both = ops.concat([_factorised_scores(*pick(fast)),
+                               _within_chunk_scores(*pick(slow), sub_chunk_size, branch)], 0)
+            return ops.gather(both, ops.argsort(ops.concat([fast, slow], 0)), 0)
+    else:  # split at every level: only blocks of at most 4 tokens are scored pair by pair
+        while size <= sub_chunk_size and sub_chunk_size >= MIN_SUB_CHUNK_SIZE:
+            sub_chunk_size //= 4
     if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
         return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
-    lead = r.shape[:-2]
-    n_sub, dk = size // sub_chunk_size, r.shape[-1]
-    r_s, k_s, w_s = (x.reshape(*lead, n_sub, sub_chunk_size, dk) for x in (r, k, w))
+    n_sub = size // sub_chunk_size
+    r_s, k_s, w_s = (x.reshape(-1, n_sub, sub_chunk_size, dk) for x in (r, k, w))
+    m = r_s.shape[0]
     local_before = _exclusive_cumsum(w_s, dim=-2)
     local_after = _reverse_exclusive_cumsum(w_s, dim=-2)
-    idx = ops.arange(n_sub)
-    # strictly_between[i, j, m] = j < m < i: whole sub-chunks between key sub-chunk j and query i
-    strictly_between = ops.logical_and(idx[None, :, None] < idx[None, None, :], idx[None, None, :] < idx[:, None, None])
-    between = strictly_between.astype(w.dtype).reshape(n_sub * n_sub, n_sub)
-    gap = ops.matmul(between, w_s.sum(axis=-2)).reshape(*lead, n_sub, n_sub, dk)  # [..., i, j, K]
-    keys = k_s.expand_dims(-4) * ops.exp(local_after.expand_dims(-4) + gap.expand_dims(-2))  # [..., i, j, S, K]
-    keys = keys.reshape(*lead, n_sub, size, dk)
-    scores = ops.matmul(r_s * ops.exp(local_before), keys.swapaxes(-1, -2))  # [..., i, S, L]
-    scores = scores.reshape(*lead, n_sub, sub_chunk_size, n_sub, sub_chunk_size)
-    earlier_sub = _earlier_mask(n_sub, r.dtype)  # key sub-chunk j < query sub-chunk i
-    scores = scores * earlier_sub[:, None, :, None]
-    # Each sub-chunk again: factorised if it can be, else split four ways, down to pairwise.
-    diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size // 4, branch)  # [..., n, S, S]
-    eye = ops.eye(n_sub, n_sub, r.dtype)
-    scores = scores + diag.expand_dims(-2) * eye[:, None, :, None]
-    return scores.reshape(*lead, size, size)
+    # strictly_between[i*j, m] = j < m < i: whole sub-chunks between key sub-chunk j and query i
+    strictly_between = _constant("between", w.dtype, n_sub)
+    gap = ops.matmul(strictly_between, _sum_axis(w_s, -2)).reshape(m, n_sub, n_sub, dk)  # [M, i, j, K]
+    # key sub-chunks j >= i drop out here (exp(-4e4) = 0) instead of being masked in the scores
+    not_earlier = _constant("not_earlier_exponent", w.dtype, n_sub)  # [i, j]
+    gap = gap + _tile_to(not_earlier.reshape(1, n_sub, n_sub, 1), gap.shape)
+    # keys[i, j] = k_j exp(local_after_j) exp(gap_ij): both factors <= 1, expanded to [M, i, j, S, K]
+    full = (m, n_sub, n_sub, sub_chunk_size, dk)
+    keys = _expand((k_s * ops.exp(local_after)).expand_dims(1), full) * _expand(ops.exp(gap).expand_dims(3), full)
+    keys = keys.reshape(m * n_sub, size, dk)
+    queries = (r_s * ops.exp(local_before)).reshape(m * n_sub, sub_chunk_size, dk)
+    scores = _bmm_nt(queries, keys).reshape(m, n_sub, sub_chunk_size, n_sub, sub_chunk_size)  # [M, i, S, j, S]
+    # Each sub-chunk again ("auto": factorised if it can be, else split four ways, down to pairwise).
+    diag = _within_chunk_scores(r_s.reshape(-1, sub_chunk_size, dk), k_s.reshape(-1, sub_chunk_size, dk),
+                                w_s.reshape(-1, sub_chunk_size, dk), local_before.reshape(-1, sub_chunk_size, dk),
+                                sub_chunk_size // 4, branch)  # [M*n, S, S]
+    eye = _constant("eye", r.dtype, n_sub).reshape(1, n_sub, 1, n_sub, 1)
+    diag = _expand(diag.reshape(m, n_sub, sub_chunk_size, 1, sub_chunk_size), scores.shape)
+    scores = scores + diag * _tile_to(eye, scores.shape)
+    return scores.reshape(m, size, size)
 
 
-def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int, branch: str):
-    """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
-    batch, heads, length, dk = r.shape
+def _chunk_transitions(k, v, w):
+    """What each chunk does to the state: S_next = chunk_decay * S + chunk_kv.
+
+    k, v, w: [G, N, L, K]. Returns chunk_decay [G, N, K] and chunk_kv [G, N, K, V].
+    """
+    groups, n_chunks, size, dk = k.shape
+    decay_after = _reverse_exclusive_cumsum(w, dim=-2)  # w summed from s+1 to chunk end, <= 0
+    keys = (k * ops.exp(decay_after)).reshape(-1, size, dk)
+    chunk_kv = _bmm_tn(keys, v.reshape(-1, size, v.shape[-1])).reshape(groups, n_chunks, dk, v.shape[-1])
+    return ops.exp(_sum_axis(w, -2)), chunk_kv
+
+
+def _chunk_states(chunk_decay, chunk_kv):
+    """The state at each chunk's start [G, N, K, V], from a short loop over chunks; None for a
+    single chunk (its start state is zero)."""
+    n_chunks = chunk_kv.shape[1]
+    if n_chunks == 1:
+        return None
+    state_shape = (chunk_kv.shape[0], chunk_kv.shape[2], chunk_kv.shape[3])
+    state = ops.zeros(state_shape, chunk_kv.dtype)
+    states = []
+    # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
+    decays, kvs = ops.unbind(chunk_decay.expand_dims(-1), 1), ops.unbind(chunk_kv, 1)
+    for c in range(n_chunks):
+        states.append(state)
+        state = _expand(decays[c], state_shape) * state + kvs[c]
+    return ops.stack(states, axis=1)
+
+
+def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
+    """Each chunk's output given the state at its start: within-chunk scores times v plus the
+    state read out through the decay from the chunk start. [G, N, L, *] -> [G, N, L, V]."""
+    groups, n_chunks, size, dk = r.shape
     dv = v.shape[-1]
-    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
-    # 4x4 grid would otherwise be computed as 64).
-    chunk_size = min(chunk_size, -(-length // sub_chunk_size) * sub_chunk_size)
-    pad = (-length) % chunk_size
-    if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
-        r, k, v, w = (ops.concat([x, ops.zeros((batch, heads, pad, x.shape[-1]), x.dtype)], 2) for x in (r, k, v, w))
-    n_chunks = r.shape[2] // chunk_size
-    r, k, v, w = (x.reshape(batch, heads, n_chunks, chunk_size, x.shape[-1]) for x in (r, k, v, w))
-    decay_before = _exclusive_cumsum(w, dim=3)  # w summed from chunk start to t-1, <= 0
+    decay_before = _exclusive_cumsum(w, dim=-2)  # w summed from chunk start to t-1, <= 0
+    flat = lambda x: x.reshape(-1, size, x.shape[-1])  # noqa: E731
+    scores = _within_chunk_scores(flat(r), flat(k), flat(w), flat(decay_before), sub_chunk_size, branch)
+    out = _bmm(scores, flat(v))
+    if states is not None:
+        out = out + _bmm(flat(r * ops.exp(decay_before)), states.reshape(-1, dk, dv))
+    return out.reshape(groups, n_chunks, size, dv)
 
-    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size, branch)  # [B, H, N, L, L]
-    out = ops.matmul(scores, v)
-    if n_chunks > 1:  # the state at each chunk start, from a short loop over chunks
-        decay_after = _reverse_exclusive_cumsum(w, dim=3)  # w summed from s+1 to chunk end, <= 0
-        chunk_decay = ops.exp(w.sum(axis=3))  # [B, H, N, K]
-        chunk_kv = ops.matmul((k * ops.exp(decay_after)).swapaxes(-1, -2), v)  # [B, H, N, K, V]
-        state = ops.zeros((batch, heads, dk, dv), r.dtype)
-        states = []
-        # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
-        decays, kvs = ops.unbind(chunk_decay.expand_dims(-1), 2), ops.unbind(chunk_kv, 2)
-        for c in range(n_chunks):
-            states.append(state)
-            state = decays[c] * state + kvs[c]
-        out = out + ops.matmul(r * ops.exp(decay_before), ops.stack(states, axis=2))
-    return out.reshape(batch, heads, n_chunks * chunk_size, dv)[:, :, :length]
+
+class _RowGather(nn.Cell):
+    """y = x[:, index] for x [B, R, K], with a backward that is a gather too (MindSpore's default
+    gather backward is a slow scatter): x's rows each appear once per direction in y, at
+    ``inverse`` [D, R]. ``_RowGatherAdjoint`` is the transpose: the D copies gathered back and summed."""
+
+    def construct(self, x, index, inverse):
+        return ops.gather(x, index, 1)
+
+    def bprop(self, x, index, inverse, out, dout):
+        return _sum_copies(dout, inverse), ops.zeros_like(index), ops.zeros_like(inverse)
+
+
+class _RowGatherAdjoint(nn.Cell):
+    def construct(self, x, index, inverse):
+        return _sum_copies(x, inverse)
+
+    def bprop(self, x, index, inverse, out, dout):
+        return ops.gather(dout, index, 1), ops.zeros_like(index), ops.zeros_like(inverse)
+
+
+def _sum_copies(x, inverse):
+    """sum_d x[:, inverse[d]] for x [B, D*R, K], inverse [D, R] -> [B, R, K]."""
+    copies = ops.unbind(inverse, 0)
+    total = ops.gather(x, copies[0], 1)
+    for rows in copies[1:]:
+        total = total + ops.gather(x, rows, 1)
+    return total
+
+
+_row_gather, _row_gather_adjoint = _RowGather(), _RowGatherAdjoint()
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(length: int, heads: int, bidirectional: bool):
+    """The scan's row order. Rows of a [B, T*H, K] input are t*H + h; the scan reads them as
+    (direction, h, t), the backward direction with t reversed. Returns (index, inverse):
+    index [D*H*T] the input row of each scan row, inverse [D, T*H] the scan row of each
+    input row, direction by direction."""
+    t, h = np.arange(length), np.arange(heads)
+    index = [t[None, :] * heads + h[:, None]]  # [H, T]
+    inverse = [h[None, :] * length + t[:, None]]  # [T, H]
+    if bidirectional:
+        index.append((length - 1 - t)[None, :] * heads + h[:, None])
+        inverse.append((heads + h[None, :]) * length + (length - 1 - t)[:, None])
+    index = np.concatenate(index).reshape(-1).astype(np.int32)
+    return Tensor(index), Tensor(np.concatenate(inverse).reshape(-1, length * heads).astype(np.int32))
+
+
+def _to_chunks(x, layout, chunk_size: int):
+    """[B, T, H, K] -> [G, N, L, K] (G = B * directions * H): heads out of the token axis and, when
+    bidirectional, the reversed sequence appended per batch element (both directions in one
+    batched scan), in one gather; zero-padded to whole chunks (trailing zeros and zero
+    log-decay never reach earlier tokens)."""
+    batch, length, heads, dk = x.shape
+    x = _row_gather(x.reshape(batch, length * heads, dk), *layout).reshape(-1, length, dk)
+    pad = (-length) % chunk_size
+    if pad:
+        x = ops.concat([x, ops.zeros((x.shape[0], pad, dk), x.dtype)], 1)
+    return x.reshape(x.shape[0], -1, chunk_size, dk)
+
+
+def _from_chunks(x, layout, length: int, heads: int):
+    """The adjoint of ``_to_chunks``: [G, N, L, V] -> [B, T, H, V], the directions summed."""
+    dv = x.shape[-1]
+    x = x.reshape(x.shape[0], -1, dv)
+    if x.shape[1] > length:
+        x = ops.split(x, (length, x.shape[1] - length), 1)[0]
+    batch = x.shape[0] * length // layout[0].shape[0]
+    x = _row_gather_adjoint(x.reshape(batch, -1, dv), *layout)
+    return x.reshape(batch, length, heads, dv)
+
+
+def _prepare(r, k, v, w, u, bidirectional: bool, chunk_size: int):
+    """[B, T, H, K] inputs -> (r, k, v, u in the compute dtype; chunked r, k, v, w; the layout)."""
+    compute = _compute_dtype(r.dtype)
+    r, k, v, w = (x.astype(compute) for x in (r, k, v, w))
+    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+    w = ops.clamp(w, min=LOG_DECAY_FLOOR)
+    layout = _layout(r.shape[1], r.shape[2], bidirectional)
+    chunks = [_to_chunks(x, layout, chunk_size) for x in (r, k, v, w)]
+    return r, k, v, u.astype(compute), chunks, layout
+
+
+def _bonus(r, k, v, u):
+    """The current token's own term r_t diag(u) k_t^T v_t, for [B, T, H, K] inputs."""
+    weight = _sum_axis(r * k * _expand(u.expand_dims(0).expand_dims(0), r.shape), -1, keepdims=True)  # [B, T, H, 1]
+    return _expand(weight, v.shape) * v
+
+
+def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch):
+    """WKV6 [B, T, H, K] -> [B, T, H, V]."""
+    length, heads = r.shape[1], r.shape[2]
+    r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
+    n_chunks = chunks[0].shape[1]
+    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
+    scan = _from_chunks(_chunk_outputs(*chunks, states, sub_chunk_size, branch), layout, length, heads)
+    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype)
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
@@ -209,20 +450,7 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk_size {sub_chunk_size}")
     if branch not in BRANCHES:
         raise ValueError(f"branch '{branch}': allowed {', '.join(BRANCHES)}")
-    dtype = r.dtype
-    compute = _compute_dtype(dtype)
-    batch = r.shape[0]
-    # [B, T, H, K] -> [B, H, T, K]
-    r, k, v, w = (x.astype(compute).swapaxes(1, 2) for x in (r, k, v, w))
-    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
-    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
-    w = ops.clamp(w, min=LOG_DECAY_FLOOR)
-    u = u.astype(compute)
-    if bidirectional:  # both directions in one batched call
-        both = _strictly_causal(*(ops.concat([x, ops.flip(x, (2,))], 0) for x in (r, k, v, w)),
-                                chunk_size, sub_chunk_size, branch)
-        out = both[:batch] + ops.flip(both[batch:], (2,))
-    else:
-        out = _strictly_causal(r, k, v, w, chunk_size, sub_chunk_size, branch)
-    bonus = (r * u[None, :, None, :] * k).sum(-1, keepdims=True) * v
-    return (out + bonus).swapaxes(1, 2).astype(dtype)
+    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
+    # 4x4 grid would otherwise be computed as 64).
+    chunk_size = min(chunk_size, -(-r.shape[1] // sub_chunk_size) * sub_chunk_size)
+    return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch)

@@ -54,7 +54,7 @@ class SampleAdapter(SampleBackend):
     framework = "paddle"
 
     def setup(self, config: dict) -> str:
-        resolve_wkv_kernel(config["wkv_kernel"], "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
+        resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
         self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))  # the launcher's; no collectives are needed
         self.world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
         self.device = pick_device(config["device"])

@@ -160,7 +160,7 @@ class TrainAdapter(TrainBackend):
 
     def setup(self, config: dict) -> None:
         self.config = config
-        resolve_wkv_kernel(config["wkv_kernel"], "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
+        resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "paddle", on_cuda=False, fla_installed=False)  # "fla" is refused
         self.world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
         self.rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
         accelerator = _accelerator()
@@ -178,7 +178,7 @@ class TrainAdapter(TrainBackend):
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"])
-        self.model.set_recompute(config["recompute"])
+        self.model.set_recompute(config.get("recompute", False))
         self.ema = frozen_copy(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.objective = build_objective(recipe, spec.learn_sigma, self.device)

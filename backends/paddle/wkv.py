@@ -12,15 +12,27 @@ without the bonus, so o_t sees every token s != t through the decays between
 them, and the current token once through u.
 
 ``wkv6_reference`` is the plain loop. ``wkv6`` is the chunked-parallel form the
-model uses: tokens are grouped into chunks (the state is passed between chunks
-with one small loop) and each chunk into sub-chunks. Every exponent is a sum of
-log-decays over a span of tokens that ends before the query, measured from a
-chunk or sub-chunk boundary, so none is positive and nothing overflows in fp32
-however strong the decay. The state and all sums are fp32 (fp64 for fp64 input).
+model uses, the same algorithm as ``backends/torch/wkv.py``: tokens are grouped
+into chunks (the state is passed between chunks with one small loop) and each
+chunk into sub-chunks. Every exponent is a sum of log-decays over a span of
+tokens that ends before the query, measured from a chunk or sub-chunk boundary,
+so none is positive and nothing overflows in fp32 however strong the decay. The
+state and all sums are fp32 (fp64 for fp64 input).
+
+Paddle idioms on CPU (each measured against the obvious spelling, fwd+bwd): the
+[B, T, H, K] -> (direction, head, time) layout of the scan, with the time reversal of the
+bidirectional copy, is one row gather (Paddle's transpose and flip kernels are ~10-30x
+slower); the exclusive cumulative sums are the cumsum kernel's own ``exclusive`` /
+``reverse`` flags (one op, no concat, slice or flip); tensors are cut with ``split`` /
+``unbind`` (the backward of basic slicing is ~10x slower); and a small operand of a
+product (a mask, the bonus, a decay) is expanded to the full shape first (the backward of
+a broadcasting product is ~3-10x slower). The gradients come from autograd; unlike
+PyTorch's hand-written backward, the activations of the chunked scan are kept.
 """
 from __future__ import annotations
 
 import paddle
+from paddle import _C_ops
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
@@ -35,8 +47,14 @@ def _compute_dtype(dtype):
     return paddle.float64 if dtype == paddle.float64 else paddle.float32
 
 
+def _reverse(x, axis: int):
+    """``x.flip(axis)`` as a gather with a reversed index (Paddle's flip kernel is ~10x slower)."""
+    axis = axis % x.ndim
+    return paddle.gather(x, paddle.arange(x.shape[axis] - 1, -1, -1), axis=axis)
+
+
 def _flip_time(x):
-    return x.flip(1)
+    return _reverse(x, 1)
 
 
 # ---- reference ----------------------------------------------------------------------
@@ -63,20 +81,19 @@ def wkv6_reference(r, k, v, w, u, bidirectional: bool = False):
 
 
 # ---- chunked ------------------------------------------------------------------------
-def _narrow(x, axis: int, start: int, length: int):
-    axis = axis % x.ndim
-    return paddle.slice(x, axes=[axis], starts=[start], ends=[start + length])
-
-
 def _exclusive_cumsum(x, dim: int):
-    """sum_{j < i} x_j along ``dim`` (exact: no subtraction of an inclusive sum)."""
-    shifted = paddle.concat([paddle.zeros_like(_narrow(x, dim, 0, 1)), _narrow(x, dim, 0, x.shape[dim] - 1)], dim)
-    return paddle.cumsum(shifted, axis=dim)
+    """sum_{j < i} x_j along ``dim`` (exact: the kernel's running sum, no subtraction of an inclusive sum)."""
+    return _C_ops.cumsum(x, dim % x.ndim, False, True, False)  # (x, axis, flatten, exclusive, reverse)
 
 
 def _reverse_exclusive_cumsum(x, dim: int):
     """sum_{j > i} x_j along ``dim``."""
-    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+    return _C_ops.cumsum(x, dim % x.ndim, False, True, True)
+
+
+def _earlier(size: int, dtype):
+    """[size, size] with 1 where column s < row t (strictly lower triangle)."""
+    return paddle.tril(paddle.ones([size, size], dtype=dtype), -1)
 
 
 def _pairwise_scores(r, k, w):
@@ -94,37 +111,50 @@ def _pairwise_scores(r, k, w):
     exponent = paddle.matmul(between.astype(w.dtype).reshape([size * size, size]), w)  # <= 0
     exponent = exponent.reshape([*lead, size, size, w.shape[-1]])
     scores = (r.unsqueeze(-2) * k.unsqueeze(-3) * paddle.exp(exponent)).sum(-1)
-    return scores * paddle.tril(paddle.ones([size, size], dtype=r.dtype), -1)
+    return scores * _earlier(size, r.dtype).expand(scores.shape)
 
 
-def _factorisable(w, decay_before) -> bool:
-    """True when exp(sum of |w| over any span) stays below exp(MAX_FACTORISED_EXPONENT)."""
+def _factorisable(w, decay_before):
+    """Per chunk [...]: True where exp(sum of |w| over the chunk) stays below exp(MAX_FACTORISED_EXPONENT)."""
     span_total = -(decay_before[..., -1, :] + w[..., -1, :]).detach()
-    return float(span_total.max()) <= MAX_FACTORISED_EXPONENT[w.dtype]
+    return span_total.max(axis=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]
+
+
+def _factorised_scores(r, k, w, decay_before):
+    """exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded."""
+    size = r.shape[-2]
+    scores = paddle.matmul(r * paddle.exp(decay_before), k * paddle.exp(-(decay_before + w)), transpose_y=True)
+    return scores * _earlier(size, r.dtype).expand(scores.shape)  # an expanded mask: ~10x faster backward
 
 
 def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     """scores[t, s] = sum_k r_t k_s exp(w_{s+1} + ... + w_{t-1}) for s < t, else 0.
 
     r, k, w: [..., L, K]; ``decay_before`` is the exclusive cumsum of w along L.
-    Returns [..., L, L].
+    Returns [..., L, L]. The choice between the fast factorised form and the exact
+    split is made chunk by chunk, so one strongly decaying chunk does not slow the rest.
     """
     size = r.shape[-2]
-    earlier = paddle.tril(paddle.ones([size, size], dtype=r.dtype), -1)
-    if _factorisable(w, decay_before):
-        # exp(B_{t-1} - B_s) = exp(B_{t-1}) exp(-B_s): one matmul, safe while the span is bounded.
-        return paddle.matmul(r * paddle.exp(decay_before), k * paddle.exp(-(decay_before + w)),
-                             transpose_y=True) * earlier
+    out_shape = [*r.shape[:-2], size, size]
+    bounded = _factorisable(w, decay_before)
+    if bool(bounded.all()):
+        return _factorised_scores(r, k, w, decay_before)
+    if bool(bounded.any()):
+        r_f, k_f, w_f, before_f = (x.reshape([-1, *x.shape[-2:]]) for x in (r, k, w, decay_before))
+        bounded = bounded.reshape([-1])
+        fast, slow = paddle.nonzero(bounded).squeeze(1), paddle.nonzero(~bounded).squeeze(1)
+        pick = lambda rows: [paddle.gather(x, rows) for x in (r_f, k_f, w_f, before_f)]  # noqa: E731
+        # torch's two index_copy calls: both parts stacked, then gathered back into chunk order
+        both = paddle.concat([_factorised_scores(*pick(fast)), _within_chunk_scores(*pick(slow), sub_chunk_size)])
+        return paddle.gather(both, paddle.argsort(paddle.concat([fast, slow]))).reshape(out_shape)
     if size <= sub_chunk_size or sub_chunk_size < MIN_SUB_CHUNK_SIZE:
         return _pairwise_scores(r, k, w)
     # Split into sub-chunks. A key in an earlier sub-chunk is scaled by the decay from it to
     # the query's sub-chunk start, the query by the decay from that start: both exponents <= 0.
     # Leading dims are flattened to one: Paddle's kernels stop at rank 6-9 and the recursion
     # below adds two dims per level.
-    out_shape = [*r.shape[:-2], size, size]
-    lead = [-1]
     n_sub, dk = size // sub_chunk_size, r.shape[-1]
-    r_s, k_s, w_s = (x.reshape([*lead, n_sub, sub_chunk_size, dk]) for x in (r, k, w))
+    r_s, k_s, w_s = (x.reshape([-1, n_sub, sub_chunk_size, dk]) for x in (r, k, w))
     local_before = _exclusive_cumsum(w_s, dim=-2)
     local_after = _reverse_exclusive_cumsum(w_s, dim=-2)
     idx = paddle.arange(n_sub)
@@ -139,45 +169,117 @@ def _within_chunk_scores(r, k, w, decay_before, sub_chunk_size: int):
     scores = paddle.matmul(r_s * paddle.exp(local_before), keys, transpose_y=True)  # [..., i, S, L]
     scores = scores.reshape([-1, n_sub, sub_chunk_size, n_sub, sub_chunk_size])
     earlier_sub = (idx[None, :] < idx[:, None]).astype(r.dtype)  # key sub-chunk j < query sub-chunk i
-    scores = scores * earlier_sub[:, None, :, None]
+    scores = scores * earlier_sub[:, None, :, None].expand(scores.shape)
     # Each sub-chunk again: factorised if it can be, else split four ways, down to pairwise.
     diag = _within_chunk_scores(r_s, k_s, w_s, local_before, sub_chunk_size // 4)  # [..., n, S, S]
     eye = paddle.eye(n_sub, dtype=r.dtype)
-    scores = scores + diag.unsqueeze(-2) * eye[:, None, :, None]
+    scores = scores + diag.unsqueeze(-2).expand(scores.shape) * eye[:, None, :, None].expand(scores.shape)
     return scores.reshape(out_shape)
 
 
-def _strictly_causal(r, k, v, w, chunk_size: int, sub_chunk_size: int):
-    """sum_{s < t} r_t diag(exp(w_{s+1} + ... + w_{t-1})) k_s^T v_s for [B, H, T, K] inputs."""
-    batch, heads, length, dk = r.shape
-    dv = v.shape[-1]
-    if length < chunk_size:  # one chunk, padded only up to whole sub-chunks
-        chunk_size = -(-length // sub_chunk_size) * sub_chunk_size
-    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
-    # 4x4 grid would otherwise be computed as 64).
-    chunk_size = min(chunk_size, -(-length // sub_chunk_size) * sub_chunk_size)
-    pad = (-length) % chunk_size
-    if pad:  # trailing zeros (and zero log-decay) never reach earlier tokens
-        r, k, v, w = (paddle.concat([x, paddle.zeros([batch, heads, pad, x.shape[-1]], dtype=x.dtype)], axis=2)
-                      for x in (r, k, v, w))
-    n_chunks = r.shape[2] // chunk_size
-    r, k, v, w = (x.reshape([batch, heads, n_chunks, chunk_size, x.shape[-1]]) for x in (r, k, v, w))
-    decay_before = _exclusive_cumsum(w, dim=3)  # w summed from chunk start to t-1, <= 0
+def _chunk_transitions(k, v, w):
+    """What each chunk does to the state: S_next = chunk_decay * S + chunk_kv.
 
-    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)  # [B, H, N, L, L]
-    out = paddle.matmul(scores, v)
-    if n_chunks > 1:  # the state at each chunk start, from a short loop over chunks
-        decay_after = _reverse_exclusive_cumsum(w, dim=3)  # w summed from s+1 to chunk end, <= 0
-        chunk_decay = paddle.exp(w.sum(axis=3))  # [B, H, N, K]
-        chunk_kv = paddle.matmul(k * paddle.exp(decay_after), v, transpose_x=True)  # [B, H, N, K, V]
-        state = paddle.zeros([batch, heads, dk, dv], dtype=r.dtype)
-        states = []
-        # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
-        for decay, kv in zip(paddle.unbind(chunk_decay.unsqueeze(-1), axis=2), paddle.unbind(chunk_kv, axis=2)):
-            states.append(state)
-            state = decay * state + kv
-        out = out + paddle.matmul(r * paddle.exp(decay_before), paddle.stack(states, axis=2))
-    return out.reshape([batch, heads, n_chunks * chunk_size, dv])[:, :, :length]
+    k, v, w: [..., N, L, K]. Returns chunk_decay [..., N, K] and chunk_kv [..., N, K, V].
+    """
+    decay_after = _reverse_exclusive_cumsum(w, dim=-2)  # w summed from s+1 to chunk end, <= 0
+    return paddle.exp(w.sum(axis=-2)), paddle.matmul(k * paddle.exp(decay_after), v, transpose_x=True)
+
+
+def _chunk_states(chunk_decay, chunk_kv):
+    """The state at each chunk's start [..., N, K, V], from a short loop over chunks; None for a
+    single chunk (its start state is zero)."""
+    if chunk_kv.shape[-3] == 1:
+        return None
+    kvs = paddle.unbind(chunk_kv, axis=-3)
+    state = paddle.zeros_like(kvs[0])
+    states = []
+    # unbind once: indexing chunk c inside the loop makes the backward pass O(T^2)
+    for decay, kv in zip(paddle.unbind(chunk_decay.unsqueeze(-1), axis=-3), kvs):
+        states.append(state)
+        state = decay.expand(state.shape) * state + kv
+    return paddle.stack(states, axis=-3)
+
+
+def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
+    """Each chunk's output given the state at its start: within-chunk scores times v plus the
+    state read out through the decay from the chunk start. [..., N, L, *] -> [..., N, L, V]."""
+    decay_before = _exclusive_cumsum(w, dim=-2)  # w summed from chunk start to t-1, <= 0
+    scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)  # [..., N, L, L]
+    if states is None:
+        return paddle.matmul(scores, v)
+    return paddle.matmul(scores, v) + paddle.matmul(r * paddle.exp(decay_before), states)
+
+
+def _layout(length: int, heads: int, bidirectional: bool):
+    """The scan's row order. Rows of a [B, T*H, K] input are t*H + h; the scan reads them as
+    (direction, h, t), the backward direction with t reversed. Returns (index, inverse):
+    index [D*H*T] the input row of each scan row, inverse [D, T*H] the scan row of each
+    input row, direction by direction."""
+    t, h = paddle.arange(length), paddle.arange(heads)
+    index = t[None, :] * heads + h[:, None]  # [H, T]
+    inverse = h[None, :] * length + t[:, None]  # [T, H]
+    if bidirectional:
+        index = paddle.concat([index, (length - 1 - t)[None, :] * heads + h[:, None]], axis=0)
+        inverse = paddle.concat([inverse, (heads + h[None, :]) * length + (length - 1 - t)[:, None]], axis=0)
+    return index.reshape([-1]), inverse.reshape([-1, length * heads])
+
+
+def _to_chunks(x, layout, chunk_size: int):
+    """[B, T, H, K] -> [G, N, L, K] (G = B * directions * H): heads out of the token axis and, when
+    bidirectional, the reversed sequence appended per batch element (both directions in one
+    batched scan), in one gather (Paddle's transpose and flip kernels are ~10-30x slower);
+    zero-padded to whole chunks (trailing zeros and zero log-decay never reach earlier tokens)."""
+    batch, length, heads, dk = x.shape
+    x = paddle.gather(x.reshape([batch, length * heads, dk]), layout[0], axis=1).reshape([-1, length, dk])
+    pad = (-length) % chunk_size
+    if pad:
+        x = paddle.concat([x, paddle.zeros([x.shape[0], pad, dk], dtype=x.dtype)], axis=1)
+    return x.reshape([x.shape[0], -1, chunk_size, dk])
+
+
+def _from_chunks(x, layout, length: int, heads: int):
+    """The adjoint of ``_to_chunks``: [G, N, L, V] -> [B, T, H, V], the directions summed."""
+    dv = x.shape[-1]
+    x = x.reshape([x.shape[0], -1, dv])
+    if x.shape[1] > length:
+        x = paddle.split(x, [length, x.shape[1] - length], axis=1)[0]
+    batch = x.shape[0] * length // layout[0].shape[0]
+    x = x.reshape([batch, -1, dv])
+    copies = paddle.unbind(layout[1], axis=0)
+    out = paddle.gather(x, copies[0], axis=1)
+    for rows in copies[1:]:
+        out = out + paddle.gather(x, rows, axis=1)
+    return out.reshape([batch, length, heads, dv])
+
+
+def _prepare(r, k, v, w, u, bidirectional: bool, chunk_size: int):
+    """[B, T, H, K] inputs -> (r, k, v, u in the compute dtype; chunked r, k, v, w; the layout)."""
+    compute = _compute_dtype(r.dtype)
+    r, k, v, w = (x.astype(compute) for x in (r, k, v, w))
+    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+    w = w.clip(min=LOG_DECAY_FLOOR)
+    layout = _layout(r.shape[1], r.shape[2], bidirectional)
+    chunks = [_to_chunks(x, layout, chunk_size) for x in (r, k, v, w)]
+    return r, k, v, u.astype(compute), chunks, layout
+
+
+def _bonus(r, k, v, u):
+    """The current token's own term r_t diag(u) k_t^T v_t, for [B, T, H, K] inputs (the small
+    operands expanded first: the backward of a broadcasting product is ~3x slower)."""
+    weight = (r * k * u[None, None].expand(r.shape)).sum(-1, keepdim=True)
+    return weight.expand(v.shape) * v
+
+
+def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
+    """WKV6 [B, T, H, K] -> [B, T, H, V]."""
+    length, heads = r.shape[1], r.shape[2]
+    r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
+    n_chunks = chunks[0].shape[1]
+    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
+    scan = _from_chunks(_chunk_outputs(*chunks, states, sub_chunk_size), layout, length, heads)
+    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype)
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
@@ -185,25 +287,8 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
     """Chunked-parallel WKV6; same arguments and result as ``wkv6_reference``."""
     if chunk_size % sub_chunk_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk_size {sub_chunk_size}")
+    # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
+    # 4x4 grid would otherwise be computed as 64).
+    chunk_size = min(chunk_size, -(-r.shape[1] // sub_chunk_size) * sub_chunk_size)
     with paddle.amp.auto_cast(enable=False):  # the state stays fp32 under bf16 autocast
-        return _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
-
-
-def _wkv6(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
-    dtype = r.dtype
-    compute = _compute_dtype(dtype)
-    batch = r.shape[0]
-    # [B, T, H, K] -> [B, H, T, K]
-    r, k, v, w = (x.astype(compute).transpose([0, 2, 1, 3]) for x in (r, k, v, w))
-    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
-    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
-    w = w.clip(min=LOG_DECAY_FLOOR)
-    u = u.astype(compute)
-    if bidirectional:  # both directions in one batched call
-        flip = lambda x: paddle.concat([x, x.flip(2)], axis=0)  # noqa: E731
-        both = _strictly_causal(flip(r), flip(k), flip(v), flip(w), chunk_size, sub_chunk_size)
-        out = both[:batch] + both[batch:].flip(2)
-    else:
-        out = _strictly_causal(r, k, v, w, chunk_size, sub_chunk_size)
-    bonus = (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
-    return (out + bonus).transpose([0, 2, 1, 3]).astype(dtype)
+        return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)

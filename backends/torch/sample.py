@@ -44,7 +44,7 @@ class SampleAdapter(SampleBackend):
         self.rank = int(os.environ.get("RANK", "0"))  # torchrun's; the processes need no process group
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.torch_device = pick_device(config["device"])
-        self.wkv_kernel = resolve_wkv_kernel(config["wkv_kernel"], "torch", self.torch_device.type == "cuda",
+        self.wkv_kernel = resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "torch", self.torch_device.type == "cuda",
                                              fla_installed())
         return str(self.torch_device)
 

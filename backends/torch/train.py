@@ -119,8 +119,8 @@ class TrainAdapter(TrainBackend):
     def build(self, spec, recipe, config) -> int:
         self.spec, self.recipe = spec, recipe
         self.model = DiR.from_spec(spec, seed=config["seed"]).to(self.torch_device)
-        self.model.set_recompute(config["recompute"])
-        self.model.set_wkv_kernel(resolve_wkv_kernel(config["wkv_kernel"], "torch", self.torch_device.type == "cuda",
+        self.model.set_recompute(config.get("recompute", False))
+        self.model.set_wkv_kernel(resolve_wkv_kernel(config.get("wkv_kernel", "auto"), "torch", self.torch_device.type == "cuda",
                                                      fla_installed()))
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, config)
