@@ -556,12 +556,12 @@ def captioned_source(config: dict, max_tokens: int):
     return TokenizedCaptions(source, max_tokens)
 
 
-def grid_prompts(config: dict, source, per_prompt: int) -> tuple[list[str], int]:
-    """The training grid's prompts, each repeated ``per_prompt`` times, and the row length."""
+def grid_prompts(config: dict, source, per_prompt: int) -> list[str]:
+    """The training grid's prompts, each repeated ``per_prompt`` times (a row each)."""
     if config.get("grid_prompts"):
         prompts = [str(p) for p in config["grid_prompts"]]
     elif config["dataset"] in ("digits", "mnist"):
         prompts, _ = held_out_digit_prompts(1)
     else:
         prompts = [source.caption(i) for i in range(min(8, len(source)))]
-    return [p for p in prompts for _ in range(per_prompt)], per_prompt
+    return [p for p in prompts for _ in range(per_prompt)]

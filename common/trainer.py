@@ -114,7 +114,7 @@ def grid_conditions(spec: DiRSpec, config: dict, source) -> np.ndarray:
     if spec.condition == "text":
         from common.captions import grid_prompts
 
-        prompts, _ = grid_prompts(config, source, config["sample_per_class"])
+        prompts = grid_prompts(config, source, config["sample_per_class"])
         ids, _ = source.tokenizer.encode_batch(prompts, spec.text_max_tokens, fixed_length=True)
         return ids
     return np.asarray(grid_classes(spec.num_classes, config["sample_per_class"]), dtype=np.int64)
