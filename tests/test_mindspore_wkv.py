@@ -218,3 +218,92 @@ def test_graph_mode_path_splits_down_to_four_token_blocks(monkeypatch):
         calls.clear()
         wkv6(*inputs, bidirectional=True, branch="auto")
         assert set(calls) == {("_factorised_scores", length)}, (length, calls)
+
+
+# ---- the hand-written backward ("auto": the _WKV6 Cell's bprop) -----------------------------
+def _autodiff_values_and_grads(inputs, grad_out, bidirectional, chunk_size, sub_chunk_size):
+    """Plain autodiff through the forward (what "safe" and Graph mode differentiate)."""
+    from backends.mindspore import wkv
+
+    def forward(*xs):
+        return wkv._forward(*xs, bidirectional, chunk_size, sub_chunk_size, "auto")[0]
+
+    return values_and_grads(forward, inputs, grad_out)
+
+
+def _spy(monkeypatch, module, name):
+    """Record the calls of ``module.name`` (the first argument's shape), still calling it."""
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
+    return calls
+
+
+BACKWARD_TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("decay", ["init", "mixed", "strong"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+def test_hand_written_backward_matches_autodiff(dtype_name, bidirectional, decay, grouped, monkeypatch):
+    """150 tokens in three 64-token chunks (the state gradient runs back over chunks), whole or
+    in groups of two chunks (GROUP_ELEMENTS small), with mild "init" decays (the state carried between
+    chunks stays large: under "mixed" it decays to ~exp(-450), which would hide an error in the
+    chunk-to-chunk gradient), "mixed" decays, or a second chunk decaying
+    too strongly to factorise (-30 in fp64: split sub-chunks; -1e4 in fp32: down to pairwise):
+    values and every gradient equal autodiff through the forward."""
+    from backends.mindspore import wkv
+
+    dtype = np.dtype(dtype_name).type
+    r, k, v, w, u = make_inputs(150, dtype, "mixed" if decay == "mixed" else "init", batch=1)
+    if decay == "strong":
+        w[:, 64:128] = -30.0 if dtype_name == "float64" else -1e4
+    grad_out = np.random.default_rng(1).standard_normal(r.shape).astype(dtype)
+    groups = 1
+    if grouped:
+        per_chunk = (2 if bidirectional else 1) * r.shape[2] * 64 * r.shape[3]  # G * L * K
+        monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * per_chunk)
+        groups = 2
+    ref, ref_grads = _autodiff_values_and_grads((r, k, v, w, u), grad_out, bidirectional, 64, 16)
+    scans = _spy(monkeypatch, wkv, "_chunked_scan_backward")
+    local = _spy(monkeypatch, wkv, "_local_grads")
+    out, grads = values_and_grads(wkv6, (r, k, v, w, u), grad_out, bidirectional=bidirectional)
+    assert len(scans) == 1 and scans[0][1] == 3 and len(local) == groups, (scans, local)
+    tol = BACKWARD_TOLERANCE[dtype_name]
+    assert out.dtype == dtype and rel(out, ref) < tol
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert a.dtype == dtype and rel(a, b) < tol, name
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_hand_written_backward_of_a_single_chunk(bidirectional, monkeypatch):
+    """40 tokens, one 48-token chunk (no state between chunks): the same gradients as autodiff."""
+    from backends.mindspore import wkv
+
+    inputs = make_inputs(40, np.float64, "mixed", batch=1)
+    grad_out = np.random.default_rng(1).standard_normal(inputs[0].shape)
+    ref, ref_grads = _autodiff_values_and_grads(inputs, grad_out, bidirectional, 48, 16)
+    scans = _spy(monkeypatch, wkv, "_chunked_scan_backward")
+    out, grads = values_and_grads(wkv6, inputs, grad_out, bidirectional=bidirectional)
+    assert len(scans) == 1 and scans[0][1] == 1
+    assert rel(out, ref) < 1e-12
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a, b) < 1e-12, name
+
+
+def test_graph_mode_takes_autodiff_with_groups(monkeypatch):
+    """"safe" compiled by ms.jit differentiates the forward (no bprop: MindSpore cannot compile it),
+    its chunks scored in groups of two: the same values and gradients as the eager hand-written
+    backward over the same groups."""
+    from backends.mindspore import wkv
+
+    inputs = make_inputs(150, np.float64, "mixed", batch=1)
+    grad_out = np.random.default_rng(1).standard_normal(inputs[0].shape)
+    chunked = np.empty((2 * inputs[0].shape[2], 3, 64, inputs[0].shape[3]))  # [G, N, L, K]
+    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * chunked[:, 0].size)
+    assert wkv._chunk_groups(chunked) == [(0, 2), (2, 3)]
+    out, grads = graph_values_and_grads(inputs, grad_out, True)
+    ref, ref_grads = values_and_grads(wkv6, inputs, grad_out, bidirectional=True)
+    assert rel(out, ref) < 1e-10
+    for name, a, b in zip("rkvwu", grads, ref_grads):
+        assert rel(a, b) < 1e-10, name

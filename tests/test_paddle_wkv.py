@@ -162,3 +162,88 @@ def test_chunks_take_the_fast_or_exact_path_independently(bidirectional, dtype, 
     assert rel(out.numpy(), ref.numpy()) < tol
     for name, a, b in zip("rkvwu", grads, ref_grads):
         assert rel(a, b) < tol, name
+
+
+# ---- the hand-written backward (the _WKV6 PyLayer) ------------------------------------------
+def _plain_autograd(inputs, bidirectional, chunk_size=64, sub_chunk_size=16):
+    """The chunked forward with autograd recording every op: what ``_WKV6`` must reproduce."""
+    from backends.paddle import wkv
+
+    return wkv._forward(*inputs, bidirectional, chunk_size, sub_chunk_size)[0]
+
+
+def test_inputs_that_require_grad_take_the_pylayer_and_others_do_not():
+    arrays = make_inputs(20, np.float64, batch=1)
+    assert wkv6(*tensors(arrays, grad=True)).grad_fn.name() == "GradNodePyLayer__WKV6"
+    assert _plain_autograd(tensors(arrays, grad=True), False).grad_fn.name() != "GradNodePyLayer__WKV6"
+    assert wkv6(*tensors(arrays)).grad_fn is None
+    with paddle.no_grad():
+        assert wkv6(*tensors(arrays, grad=True)).grad_fn is None
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_pylayer_gradients_equal_autograd_through_the_forward(bidirectional, monkeypatch):
+    """Five chunks (T = 300, padded) recomputed in groups of 2, 2 and 1; one chunk decays too
+    strongly to factorise (its sub-chunks are split again) and one reaches the pairwise path."""
+    from backends.paddle import wkv
+
+    arrays = make_inputs(300, np.float64, "init", batch=1)
+    arrays[3][:, 64:128] = -30.0  # 64 * 30 > 300: split; 16 * 30 > 300: split again; 4 * 30 factorises
+    arrays[3][:, 200:208] = -1e4  # even 4 tokens exceed the fp64 bound: pairwise
+    directions = 2 if bidirectional else 1
+    per_chunk = directions * 2 * 64 * 8  # G * L * K
+    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * per_chunk)
+    groups = wkv._chunk_groups(paddle.zeros([directions * 2, 5, 64, 8]))
+    assert [(part.start, part.stop) for part in groups] == [(0, 2), (2, 4), (4, 5)]
+    pairwise, calls = wkv._pairwise_scores, []
+    monkeypatch.setattr(wkv, "_pairwise_scores", lambda *a: calls.append(1) or pairwise(*a))
+    grad_out = paddle.to_tensor(np.random.default_rng(1).standard_normal(arrays[0].shape))
+    inputs = tensors(arrays, grad=True)
+    out = wkv6(*inputs, bidirectional=bidirectional)
+    assert out.grad_fn.name() == "GradNodePyLayer__WKV6"
+    calls.clear()
+    grads = grads_of(out, inputs, grad_out)
+    assert calls, "the backward recompute never took the pairwise path"
+    plain_inputs = tensors(arrays, grad=True)
+    plain = _plain_autograd(plain_inputs, bidirectional)
+    plain_grads = grads_of(plain, plain_inputs, grad_out)
+    assert rel(out.numpy(), plain.numpy()) < 1e-14
+    for name, a, b in zip("rkvwu", grads, plain_grads):
+        assert np.isfinite(a).all() and rel(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_pylayer_gradients_through_backward_and_for_some_inputs_only(bidirectional):
+    """``loss.backward()`` and ``paddle.grad`` give the same gradients (the recompute nests a
+    backward pass in either), and the reference's: with these mild decays the state carries
+    across chunks (the "mixed" decays of the reference test above leave almost nothing of it
+    after 64 tokens). Inputs with stop_gradient get none (Paddle requires None there)."""
+    arrays = make_inputs(130, np.float64, "init", batch=1)
+    grad_out = paddle.to_tensor(np.random.default_rng(2).standard_normal(arrays[0].shape))
+    inputs = tensors(arrays, grad=True)
+    (wkv6(*inputs, bidirectional=bidirectional) * grad_out).sum().backward()
+    plain_inputs = tensors(arrays, grad=True)
+    plain_grads = grads_of(_plain_autograd(plain_inputs, bidirectional), plain_inputs, grad_out)
+    ref_inputs = tensors(arrays, grad=True)
+    ref_grads = grads_of(wkv6_reference(*ref_inputs, bidirectional=bidirectional), ref_inputs, grad_out)
+    for name, x, b, ref in zip("rkvwu", inputs, plain_grads, ref_grads):
+        assert rel(x.grad.numpy(), b) < 1e-12 and rel(x.grad.numpy(), ref) < 1e-10, name
+    some = tensors(arrays)
+    for i in (1, 4):  # k and u only
+        some[i].stop_gradient = False
+    out = wkv6(*some, bidirectional=bidirectional)
+    assert out.grad_fn.name() == "GradNodePyLayer__WKV6"
+    (out * grad_out).sum().backward()
+    assert all(some[i].grad is None for i in (0, 2, 3))
+    assert rel(some[1].grad.numpy(), plain_grads[1]) < 1e-12 and rel(some[4].grad.numpy(), plain_grads[4]) < 1e-12
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_call_without_grad_gives_the_pylayer_output(bidirectional):
+    arrays = make_inputs(150, np.float64, "mixed", batch=1)
+    inputs = tensors(arrays, grad=True)
+    with_grad = wkv6(*inputs, bidirectional=bidirectional).numpy()
+    with paddle.no_grad():
+        no_grad = wkv6(*inputs, bidirectional=bidirectional).numpy()
+    np.testing.assert_array_equal(no_grad, with_grad)
+    np.testing.assert_array_equal(wkv6(*tensors(arrays), bidirectional=bidirectional).numpy(), with_grad)

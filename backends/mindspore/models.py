@@ -132,8 +132,14 @@ class PatchEmbed(nn.Cell):
                               pad_mode="valid", has_bias=True)
 
     def construct(self, x):
-        x = self.proj(x)
-        return x.reshape(x.shape[0], x.shape[1], -1).swapaxes(1, 2)
+        # The stride-p convolution as patches times the flattened kernel: the same sums, several times
+        # faster than CPU Conv2d's forward and backward (the Conv2d only holds the parameters).
+        n, c, h, w = x.shape
+        width, p = self.proj.weight.shape[0], self.proj.weight.shape[2]
+        tokens = (h // p) * (w // p)
+        patches = x.reshape(n, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(n * tokens, c * p * p)
+        y = ops.matmul(patches, self.proj.weight.reshape(width, c * p * p).swapaxes(0, 1)) + self.proj.bias
+        return y.reshape(n, tokens, width)
 
 
 def _frequencies(dim: int) -> np.ndarray:
@@ -224,12 +230,13 @@ class TimeMix(nn.Cell):
         delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
         mixed = x + delta * self.time_maa_x
         lora = ops.tanh(ops.matmul(mixed, self.time_maa_w1)).reshape(n * t, 5, -1).swapaxes(0, 1)  # [5, NT, R]
-        m = ops.bmm(lora, self.time_maa_w2).reshape(5, n, t, d)
-        xw = x + delta * (self.time_maa_w + m[0])
-        xk = x + delta * (self.time_maa_k + m[1])
-        xv = x + delta * (self.time_maa_v + m[2])
-        xr = x + delta * (self.time_maa_r + m[3])
-        xg = x + delta * (self.time_maa_g + m[4])
+        # unstack, not m[0]..m[4]: five slices cost five strided-slice gradients on CPU
+        mw, mk, mv, mr, mg = ops.unstack(ops.bmm(lora, self.time_maa_w2).reshape(5, n, t, d), 0)
+        xw = x + delta * (self.time_maa_w + mw)
+        xk = x + delta * (self.time_maa_k + mk)
+        xv = x + delta * (self.time_maa_v + mv)
+        xr = x + delta * (self.time_maa_r + mr)
+        xg = x + delta * (self.time_maa_g + mg)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = ops.silu(self.gate(xg))
         log_decay = -ops.exp(self.time_decay + ops.matmul(ops.tanh(ops.matmul(xw, self.time_decay_w1)),

@@ -43,6 +43,11 @@ exclusive cumulative sums are a 0/1 triangular matrix times the log-decays (``Cu
 reversal of the bidirectional copy, is one row gather whose backward is a gather too
 (transpose and flip kernels, and a gather's default scatter backward, are slow).
 
+Backward (``_WKV6``): under "auto" (eager PyNative) a Cell with a hand-written ``bprop`` keeps only
+the inputs and the chunk-start states and recomputes the rest a group of chunks at a time in
+the backward pass, as PyTorch and Paddle do; under "safe" (Graph mode, ``ms.jit``) autodiff runs
+through the forward, which MindSpore 2.10 cannot compile with that ``bprop`` (see ``_WKV6``).
+
 Ops: exp, matmul / batched matmul, gather, tile, elementwise arithmetic, concat, split,
 unbind, reshape, comparisons of ``arange`` - all run on CPU, GPU and Ascend (no einsum,
 which is GPU-only in MindSpore, and no ``mint.*``).
@@ -340,6 +345,33 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
     return out.reshape(groups, n_chunks, size, dv)
 
 
+# Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
+# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
+# chunks are several times the inputs' size, so the group bounds that working memory whatever
+# the sequence length, and keeps each group's products large enough to run at full speed.
+GROUP_ELEMENTS = 1 << 22
+
+
+def _chunk_groups(x):
+    """(start, stop) ranges of the chunk axis (1) of a chunked [G, N, L, K] tensor, a group at a time."""
+    n_chunks = x.shape[1]
+    per_chunk = max(1, _prod(x.shape) // n_chunks)
+    size = max(1, GROUP_ELEMENTS // per_chunk)
+    return [(start, min(start + size, n_chunks)) for start in range(0, n_chunks, size)]
+
+
+def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
+    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory).
+    The groups are cut with ``split`` (plain autodiff may run through here: the backward of
+    slicing is a slow strided-slice gradient, that of ``split`` a concat)."""
+    groups = _chunk_groups(r)
+    if len(groups) == 1:
+        return _chunk_outputs(r, k, v, w, states, sub_chunk_size, branch)
+    sizes = tuple(stop - start for start, stop in groups)
+    parts = [ops.split(x, sizes, 1) for x in (r, k, v, w, states)]
+    return ops.concat([_chunk_outputs(*part, sub_chunk_size, branch) for part in zip(*parts)], 1)
+
+
 class _RowGather(nn.Cell):
     """y = x[:, index] for x [B, R, K], with a backward that is a gather too (MindSpore's default
     gather backward is a slow scatter): x's rows each appear once per direction in y, at
@@ -431,20 +463,125 @@ def _bonus(r, k, v, u):
 
 
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch):
-    """WKV6 [B, T, H, K] -> [B, T, H, V]."""
+    """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states [G, N, K, V] or None)."""
     length, heads = r.shape[1], r.shape[2]
     r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
     n_chunks = chunks[0].shape[1]
     states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
-    scan = _from_chunks(_chunk_outputs(*chunks, states, sub_chunk_size, branch), layout, length, heads)
-    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype)
+    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size, branch), layout, length, heads)
+    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
+
+
+def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int, branch: str):
+    """The [r, k, v, w] gradients of chunks [G, n, L, K] given their start states [G, n, K, V]
+    and the gradients of their outputs [G, n, L, V] and of the states after them [G, n, K, V],
+    from ``ms.vjp`` over the recomputed chunks (their graph freed on return)."""
+    def outputs_and_next_state(r_p, k_p, v_p, w_p):
+        out = _chunk_outputs(r_p, k_p, v_p, w_p, start_state, sub_chunk_size, branch)
+        decay, kv = _chunk_transitions(k_p, v_p, w_p)
+        return out, _expand(decay.expand_dims(-1), kv.shape) * start_state + kv
+
+    _, pullback = ms.vjp(outputs_and_next_state, r, k, v, w)
+    return pullback((grad_out, grad_next_state))
+
+
+def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int, branch: str):
+    """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked [G, N, L, K] inputs.
+
+    The state's gradient runs backwards through the chunks in closed form,
+    dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
+    chunks are independent, so each group's local gradients come from ``ms.vjp`` over the
+    recomputed group: exactly the gradients autodiff gives over the whole forward pass.
+    The inputs carry no graph; returns the [r, k, v, w] gradients, of their shapes.
+    """
+    if states is None:  # one chunk: nothing flows between chunks
+        _, pullback = ms.vjp(lambda *xs: _chunk_outputs(*xs, None, sub_chunk_size, branch), r, k, v, w)
+        return list(pullback(grad_out))
+    groups, n_chunks, size, dk = r.shape
+    dv = v.shape[-1]
+    queries = (r * ops.exp(_exclusive_cumsum(w, dim=-2))).reshape(-1, size, dk)
+    reads = ops.unbind(_bmm_tn(queries, grad_out.reshape(-1, size, dv)).reshape(groups, n_chunks, dk, dv), 1)
+    decays = ops.unbind(ops.exp(_sum_axis(w, -2)).expand_dims(-1), 1)  # [G, K, 1] per chunk
+    del queries
+    state_shape = (groups, dk, dv)
+    after = [None] * n_chunks  # after[c]: d loss / d (the state after chunk c)
+    following = ops.zeros(state_shape, r.dtype)
+    for c in range(n_chunks - 1, -1, -1):
+        after[c] = following
+        following = reads[c] + _expand(decays[c], state_shape) * following
+    after = ops.stack(after, axis=1)
+    del reads, following  # an input's size each, not needed by the recompute
+    parts = _chunk_groups(r)
+    if len(parts) == 1:
+        return list(_local_grads(r, k, v, w, states, grad_out, after, sub_chunk_size, branch))
+    # filled a group at a time, not concatenated: no second copy
+    grads = [ops.zeros(x.shape, x.dtype) for x in (r, k, v, w)]
+    for start, stop in parts:
+        # slices (views; no gradient flows through them here)
+        local = _local_grads(*(x[:, start:stop] for x in (r, k, v, w, states, grad_out, after)),
+                             sub_chunk_size, branch)
+        for full, g in zip(grads, local):
+            full[:, start:stop] = g
+    return grads
+
+
+class _WKV6(nn.Cell):
+    """WKV6 with a hand-written backward (``bprop``) that keeps only the inputs and the chunk-start
+    states [G, N, K, V] (one input's size per direction at K = V = 64), returned as a second
+    output: a Cell's ``bprop`` sees its inputs, outputs and output gradients, nothing else.
+    Everything else (layout gathers, scores, sub-chunk keys, exponentials) is recomputed a group
+    of chunks at a time in the backward pass, its gradients from ``ms.vjp`` over the recomputed
+    part, so what a layer holds from its forward to its backward pass does not grow with the
+    scores. First-order only (as torch's ``once_differentiable``).
+
+    construct(r, k, v, w, u) -> ([B, T, H, V], the states, or a [1] placeholder for one chunk).
+
+    PyNative only (``wkv6`` takes it for the eager "auto" branch). Compiled - GRAPH_MODE, or
+    ``ms.jit`` under PyNative - MindSpore 2.10 fails on a ``bprop`` that calls a function with a
+    Python branch which the construct calls too (here ``ops.clamp``'s own dispatch, ``_sum_axis``,
+    and, with those worked around, the builtins ``max`` and ``zip``): "RuntimeError: The func
+    graph is empty, func graph: ...↱clamp_170, has return: 0". A ``bprop`` cannot avoid calling
+    the forward's functions, so Graph mode differentiates the forward itself.
+    """
+
+    def __init__(self, bidirectional: bool, chunk_size: int, sub_chunk_size: int, branch: str):
+        super().__init__()
+        self.bidirectional, self.chunk_size = bidirectional, chunk_size
+        self.sub_chunk_size, self.branch = sub_chunk_size, branch
+
+    def construct(self, r, k, v, w, u):
+        out, states = _forward(r, k, v, w, u, self.bidirectional, self.chunk_size, self.sub_chunk_size, self.branch)
+        if states is None:  # a single chunk starts from zero: nothing to keep
+            return out, ops.zeros((1,), out.dtype)
+        return out, states
+
+    def bprop(self, r, k, v, w, u, out, dout):
+        bidirectional, chunk_size = self.bidirectional, self.chunk_size
+        states = out[1] if out[1].ndim == 4 else None
+
+        def prepare(r, k, v, w, u):
+            r_c, k_c, v_c, u_c, chunks, _ = _prepare(r, k, v, w, u, bidirectional, chunk_size)
+            return (*chunks, _bonus(r_c, k_c, v_c, u_c))
+
+        prepared, pullback = ms.vjp(prepare, r, k, v, w, u)
+        layout = _layout(r.shape[1], r.shape[2], bidirectional)
+        grad_c = dout[0].astype(prepared[-1].dtype)  # [B, T, H, V]
+        chunk_grads = _chunked_scan_backward(*prepared[:4], states, _to_chunks(grad_c, layout, chunk_size),
+                                             self.sub_chunk_size, self.branch)
+        return pullback((*chunk_grads, grad_c))
+
+
+@functools.lru_cache(maxsize=64)
+def _wkv6_cell(bidirectional: bool, chunk_size: int, sub_chunk_size: int, branch: str) -> _WKV6:
+    return _WKV6(bidirectional, chunk_size, sub_chunk_size, branch)
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
          chunk_size: int = CHUNK_SIZE, sub_chunk_size: int = SUB_CHUNK_SIZE, branch: str = "auto"):
     """Chunked-parallel WKV6; same arguments and result as ``wkv6_reference``.
 
-    ``branch``: "auto" (data-dependent, PyNative only) or "safe" (compiles in Graph mode).
+    ``branch``: "auto" (data-dependent, PyNative only; the hand-written backward of ``_WKV6``) or
+    "safe" (compiles in Graph mode; autodiff through the forward).
     """
     if chunk_size % sub_chunk_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of sub_chunk_size {sub_chunk_size}")
@@ -453,4 +590,6 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
     # A sequence shorter than a chunk is padded only to whole sub-chunks (16 tokens of a
     # 4x4 grid would otherwise be computed as 64).
     chunk_size = min(chunk_size, -(-r.shape[1] // sub_chunk_size) * sub_chunk_size)
-    return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch)
+    if branch == "auto":  # eager PyNative ("auto" cannot compile): the hand-written backward of _WKV6
+        return _wkv6_cell(bidirectional, chunk_size, sub_chunk_size, branch)(r, k, v, w, u)[0]
+    return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch)[0]

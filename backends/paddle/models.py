@@ -41,10 +41,16 @@ def token_shift(x, bidirectional: bool, q_shift_index=None):
         n, t, d = x.shape
         quarters = paddle.concat([x, zero], axis=1).reshape([n, 4 * (t + 1), d // 4])
         return paddle.index_select(quarters, q_shift_index, axis=1).reshape([n, t, d])
-    previous = paddle.concat([zero, x[:, :-1]], axis=1)
+    # split, not slicing: the backward of a slice is several times slower on CPU
+    t = x.shape[1]
+    if t == 1:
+        return zero
+    head, _ = paddle.split(x, [t - 1, 1], axis=1)
+    previous = paddle.concat([zero, head], axis=1)
     if not bidirectional:
         return previous
-    following = paddle.concat([x[:, 1:], zero], axis=1)
+    _, tail = paddle.split(x, [1, t - 1], axis=1)
+    following = paddle.concat([tail, zero], axis=1)
     return 0.5 * (previous + following)
 
 
@@ -176,7 +182,7 @@ class ChannelMix(nn.Layer):
 
     def forward(self, x):
         delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        k = F.relu(self.key(x + delta * self.time_maa_k)) ** 2
+        k = paddle.square(F.relu(self.key(x + delta * self.time_maa_k)))  # ** 2's backward is ~30x slower
         return F.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
 
 

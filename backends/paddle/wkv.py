@@ -26,10 +26,13 @@ slower); the exclusive cumulative sums are the cumsum kernel's own ``exclusive``
 ``reverse`` flags (one op, no concat, slice or flip); tensors are cut with ``split`` /
 ``unbind`` (the backward of basic slicing is ~10x slower); and a small operand of a
 product (a mask, the bonus, a decay) is expanded to the full shape first (the backward of
-a broadcasting product is ~3-10x slower). The gradients come from autograd; unlike
-PyTorch's hand-written backward, the activations of the chunked scan are kept.
+a broadcasting product is ~3-10x slower). As in PyTorch, a hand-written backward (``_WKV6``,
+a PyLayer) keeps only the inputs and the chunk-start states and recomputes the rest a group
+of chunks at a time.
 """
 from __future__ import annotations
+
+import math
 
 import paddle
 from paddle import _C_ops
@@ -211,6 +214,39 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
     return paddle.matmul(scores, v) + paddle.matmul(r * paddle.exp(decay_before), states)
 
 
+# Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
+# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
+# chunks are several times the inputs' size, so the group bounds that working memory whatever
+# the sequence length, and keeps each group's products large enough to run at full speed.
+GROUP_ELEMENTS = 1 << 22
+
+
+def _chunk_groups(x):
+    """Slices of the chunk axis (1) of a chunked [G, N, L, K] tensor, a group at a time."""
+    n_chunks = x.shape[1]
+    per_chunk = max(1, math.prod(x.shape) // n_chunks)
+    size = max(1, GROUP_ELEMENTS // per_chunk)
+    return [slice(start, min(start + size, n_chunks)) for start in range(0, n_chunks, size)]
+
+
+def _cut(x, groups):
+    """[G, N, L, *] -> one [G, n, L, *] part per group of ``_chunk_groups``: slices (views) where
+    no gradient is recorded, since ``split`` copies; ``split`` where one is, since the backward
+    of slicing is ~10x slower."""
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return [x[:, part] for part in groups]
+    return paddle.split(x, [part.stop - part.start for part in groups], axis=1)
+
+
+def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
+    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
+    groups = _chunk_groups(r)
+    if len(groups) == 1:
+        return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
+    parts = [_cut(x, groups) for x in (r, k, v, w, states)]
+    return paddle.concat([_chunk_outputs(*part, sub_chunk_size) for part in zip(*parts)], axis=1)
+
+
 def _layout(length: int, heads: int, bidirectional: bool):
     """The scan's row order. Rows of a [B, T*H, K] input are t*H + h; the scan reads them as
     (direction, h, t), the backward direction with t reversed. Returns (index, inverse):
@@ -272,14 +308,106 @@ def _bonus(r, k, v, u):
     return weight.expand(v.shape) * v
 
 
+def _leaf(x):
+    """A detached view of ``x`` that records a graph of its own: a leaf of a backward recompute."""
+    x = x.detach()
+    x.stop_gradient = False
+    return x
+
+
+def _backward_grads(outputs, grad_outputs, leaves):
+    """The gradients of sum(outputs * grad_outputs) with respect to ``leaves`` (None where one is
+    not reached), for use inside a PyLayer's backward. Through ``paddle.autograd.backward`` and
+    the leaves' ``.grad``: a ``paddle.grad`` inside a PyLayer backward that itself runs under
+    ``paddle.grad`` segfaults in Paddle 3.3.1 (under ``loss.backward()`` it works), a nested
+    ``backward`` works under both. The leaves are fresh (``_leaf``), so nothing else accumulates."""
+    paddle.autograd.backward(list(outputs), list(grad_outputs))
+    return [x.grad for x in leaves]
+
+
+def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
+    """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked [G, N, L, K] inputs.
+
+    The state's gradient runs backwards through the chunks in closed form,
+    dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
+    chunks are independent, so each group's local gradients come from autograd over the
+    recomputed group: exactly the gradients autograd gives over the whole forward pass.
+    The inputs carry no graph; returns the [r, k, v, w] gradients, of their shapes.
+    """
+    if states is None:  # one chunk: nothing flows between chunks
+        with paddle.enable_grad():
+            leaves = [_leaf(x) for x in (r, k, v, w)]
+            return _backward_grads([_chunk_outputs(*leaves, None, sub_chunk_size)], [grad_out], leaves)
+    read_grad = paddle.matmul(r * paddle.exp(_exclusive_cumsum(w, dim=-2)), grad_out, transpose_x=True)  # [G, N, K, V]
+    chunk_decay = paddle.exp(w.sum(axis=-2)).unsqueeze(-1)  # [G, N, K, 1]
+    reads, decays = paddle.unbind(read_grad, axis=1), paddle.unbind(chunk_decay, axis=1)
+    after = [None] * len(reads)  # after[c]: d loss / d (the state after chunk c)
+    following = paddle.zeros_like(reads[0])
+    for c in range(len(reads) - 1, -1, -1):
+        after[c] = following
+        following = reads[c] + decays[c] * following
+    after = paddle.stack(after, axis=1)
+    del read_grad, reads, following  # an input's size each, not needed by the recompute
+    groups = _chunk_groups(r)
+    grads = None
+    for part, (r_p, k_p, v_p, w_p, start_state, grad_p, after_p) in zip(
+            groups, zip(*(_cut(x, groups) for x in (r, k, v, w, states, grad_out, after)))):
+        with paddle.enable_grad():
+            leaves = [_leaf(x) for x in (r_p, k_p, v_p, w_p)]
+            out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
+            decay, kv = _chunk_transitions(*leaves[1:])
+            next_state = decay.unsqueeze(-1).expand(kv.shape) * start_state + kv
+            local = _backward_grads([out, next_state], [grad_p, after_p], leaves)
+        if len(groups) == 1:
+            return local
+        if grads is None:  # filled a group at a time, not concatenated: no second copy
+            grads = [paddle.empty_like(x) for x in (r, k, v, w)]
+        for full, g in zip(grads, local):
+            full[:, part] = g
+    return grads
+
+
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
-    """WKV6 [B, T, H, K] -> [B, T, H, V]."""
+    """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states [G, N, K, V] or None)."""
     length, heads = r.shape[1], r.shape[2]
     r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
     n_chunks = chunks[0].shape[1]
     states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
-    scan = _from_chunks(_chunk_outputs(*chunks, states, sub_chunk_size), layout, length, heads)
-    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype)
+    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size), layout, length, heads)
+    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
+
+
+class _WKV6(paddle.autograd.PyLayer):
+    """WKV6 with a hand-written backward that keeps only the inputs and the chunk-start states
+    [G, N, K, V] (one input's size per direction at K = V = 64). Everything else (layout
+    gathers, scores, sub-chunk keys, exponentials) is recomputed a group of chunks at a time in
+    the backward pass, so its memory does not grow with the sequence. Paddle runs the forward
+    without a graph and wants one gradient per tensor input, None where it has stop_gradient."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
+        out, states = _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+        ctx.save_for_backward(r, k, v, w, u, states)
+        ctx.options = (bidirectional, chunk_size, sub_chunk_size)
+        ctx.needs_grad = [not x.stop_gradient for x in (r, k, v, w, u)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        bidirectional, chunk_size, sub_chunk_size = ctx.options
+        *inputs, states = ctx.saved_tensor()
+        # loss.backward() may run outside the forward's autocast-off region
+        with paddle.amp.auto_cast(enable=False), paddle.no_grad():
+            with paddle.enable_grad():
+                leaves = [_leaf(x) for x in inputs]
+                r_c, k_c, v_c, u_c, chunks, layout = _prepare(*leaves, bidirectional, chunk_size)
+            grad_c = grad_out.detach().astype(r_c.dtype)  # [B, T, H, V]
+            chunk_grads = _chunked_scan_backward(*(x.detach() for x in chunks), states,
+                                                 _to_chunks(grad_c, layout, chunk_size), sub_chunk_size)
+            with paddle.enable_grad():
+                grads = _backward_grads([*chunks, _bonus(r_c, k_c, v_c, u_c)], [*chunk_grads, grad_c], leaves)
+        return tuple((paddle.zeros_like(x) if g is None else g) if needs else None
+                     for x, g, needs in zip(leaves, grads, ctx.needs_grad))
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
@@ -291,4 +419,6 @@ def wkv6(r, k, v, w, u, bidirectional: bool = False,
     # 4x4 grid would otherwise be computed as 64).
     chunk_size = min(chunk_size, -(-r.shape[1] // sub_chunk_size) * sub_chunk_size)
     with paddle.amp.auto_cast(enable=False):  # the state stays fp32 under bf16 autocast
-        return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+        if paddle.is_grad_enabled() and any(not x.stop_gradient for x in (r, k, v, w, u)):
+            return _WKV6.apply(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
+        return _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)[0]
