@@ -45,7 +45,8 @@ def evaluate_targets(results: dict) -> list[dict]:
             ratios.get(f"dit_over_{model}@4096"), lambda v: v > 1.0, "> 1 (DiR faster)", "scaling")
         add(f"DiT time over {MODEL_LABELS[model]} time at 16384 tokens",
             ratios.get(f"dit_over_{model}@16384"), lambda v: v >= 3.0, ">= 3x", "scaling")
-    for section, label in (("backends_demo", "demo config"), ("backends", "DiR-S/2 at 256 tokens")):
+    for section, label in (("backends_demo", "demo config"), ("backends_text", "text demo config"),
+                           ("backends", "DiR-S/2 at 256 tokens")):
         for row in results.get(section, {}).get("rows", []):
             if row.get("backend") in ("paddle", "mindspore"):
                 add(f"{row['backend']} training step over PyTorch's, {label}", row.get("ratio_to_torch"),
@@ -160,6 +161,7 @@ def markdown(results: dict, plot_names: dict) -> str:
         lines.append("")
 
     for key, title in (("backends_demo", "Training step per backend: the digits demo config"),
+                       ("backends_text", "Training step per backend: the text demo config"),
                        ("backends", "Training step per backend")):
         be = results.get(key)
         if not be:
@@ -169,7 +171,9 @@ def markdown(results: dict, plot_names: dict) -> str:
         lines += [f"## {title}", "",
                   f"Config: {c['model']}, {c['input_size']}x{c['input_size']}x{c['in_channels']} inputs "
                   f"({(c['input_size'] // patch) ** 2} tokens of {patch}x{patch}), depth {c['depth']}, batch {c['batch']}, "
-                  f"{c['num_classes']} classes; {c['repeats']} timed steps after {c['warmup']} warm-up per round, "
+                  + (f"captions of {c['text_max_tokens']} ids through {c['text_depth']} text blocks"
+                     if c.get("condition") == "text" else f"{c['num_classes']} classes")
+                  + f"; {c['repeats']} timed steps after {c['warmup']} warm-up per round, "
                   f"{be.get('rounds', 1)} round(s). {be['step']}.", "",
                   "| backend | status | ms/step (median) | min..max ms | ratio to PyTorch |", "|---|---|---|---|---|"]
         for r in be["rows"]:

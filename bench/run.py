@@ -10,6 +10,8 @@ Sections (``--sections`` picks a subset):
             CUDA, at DiR-S/2 and DiR-XL/2 widths (bench/kernels.py)
   backends_demo  one training step of the digits demo config (configs/train/digits.yaml)
             in each installed backend (PyTorch, Paddle, MindSpore), as ratios to PyTorch
+  backends_text  the same for the text demo config (configs/train/digits_text.yaml: the demo's
+            network plus a 2-block caption encoder with its 65,536-row embedding)
   backends  the same for DiR-S/2 at 256 tokens
 
 Writes bench/results/<date>-<host>.json (``-full`` / ``-smoke`` appended for those
@@ -29,9 +31,11 @@ from pathlib import Path
 
 from bench.util import REPO_ROOT
 
-SECTIONS = ("wkv", "scaling", "kernels", "backends_demo", "backends")
+SECTIONS = ("wkv", "scaling", "kernels", "backends_demo", "backends_text", "backends")
 # configs/train/digits.yaml as a step: DiR-Tiny, 16x16x1 pixels in 4x4 patches (16 tokens), depth 4, batch 32
 DEMO_STEP = dict(model="DiR-Tiny/2", input_size=16, patch_size=4, in_channels=1, num_classes=10, depth=4, batch=32)
+# configs/train/digits_text.yaml as a step: the same network, captions of up to 24 ids through 2 text blocks
+TEXT_STEP = dict(DEMO_STEP, condition="text", text_depth=2, text_max_tokens=24)
 
 MODES = {
     # a few seconds: the shape of the output, not the figures (tests/test_bench_smoke.py)
@@ -43,6 +47,8 @@ MODES = {
         "kernels": dict(tokens=(16, 64), widths=("DiR-S/2",), token_budget=64, warmup=0, repeats=1),
         "backends_demo": dict(config=dict(DEMO_STEP, depth=1, batch=2, warmup=0, repeats=1), timeout=120,
                               backends=("torch",)),
+        "backends_text": dict(config=dict(TEXT_STEP, depth=1, text_depth=1, batch=2, warmup=0, repeats=1),
+                              timeout=120, backends=("torch",)),
         "backends": dict(config=dict(model="DiR-Tiny/2", input_size=8, in_channels=4, num_classes=10, depth=1,
                                      batch=2, warmup=0, repeats=1), timeout=120, backends=("torch",)),
     },
@@ -56,6 +62,8 @@ MODES = {
         "kernels": dict(tokens=(256, 1024, 4096), widths=("DiR-S/2", "DiR-XL/2"), token_budget=4096, warmup=1,
                         repeats=5),
         "backends_demo": dict(config=dict(DEMO_STEP, warmup=2, repeats=10), timeout=900,
+                              backends=("torch", "paddle", "mindspore")),
+        "backends_text": dict(config=dict(TEXT_STEP, warmup=2, repeats=10), timeout=900,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=2,
                                      batch=8, warmup=2, repeats=5), timeout=900,
@@ -71,6 +79,8 @@ MODES = {
         "kernels": dict(tokens=(256, 1024, 4096), widths=("DiR-S/2", "DiR-XL/2"), token_budget=8192, warmup=2,
                         repeats=11),
         "backends_demo": dict(config=dict(DEMO_STEP, warmup=3, repeats=15), timeout=1800, rounds=2,
+                              backends=("torch", "paddle", "mindspore")),
+        "backends_text": dict(config=dict(TEXT_STEP, warmup=3, repeats=15), timeout=1800, rounds=2,
                               backends=("torch", "paddle", "mindspore")),
         "backends": dict(config=dict(model="DiR-S/2", input_size=32, in_channels=4, num_classes=1000, depth=12,
                                      batch=8, warmup=2, repeats=5), timeout=1800, rounds=2,
@@ -183,7 +193,7 @@ def main(argv=None) -> dict:
 
             cfg = dict(plan["kernels"])
             results["kernels"] = bench_kernels(cfg.pop("tokens"), cfg.pop("widths"), device=device, log=log, **cfg)
-        elif section in ("backends_demo", "backends"):
+        elif section in ("backends_demo", "backends_text", "backends"):
             from bench.train_steps import run_backends
 
             cfg = plan[section]

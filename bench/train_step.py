@@ -9,6 +9,8 @@ config's, through the backend's own loader.
 
     python -m bench.train_step --backend paddle --model DiR-S/2 --input-size 32 --depth 2 --batch 8
     python -m bench.train_step --backend mindspore --mindspore-mode graph --recompute
+    python -m bench.train_step --backend torch --model DiR-Tiny/2 --input-size 16 --in-channels 1 \
+        --patch-size 4 --depth 4 --batch 32 --condition text     # the text demo's step
 
 prints ``BENCH_RESULT {json}`` with ``step_s`` (median seconds per step over --repeats timed
 steps after --warmup untimed ones; graph modes compile in the first), every timing, and the
@@ -52,6 +54,24 @@ class RandomImages:
         return self.images[index].copy(), int(self.labels[index]), 0
 
 
+class RandomCaptions(RandomImages):
+    """Seeded images with seeded token-id captions ``[max_tokens]`` (ids 2..99, end-of-text 1 after
+    8..max_tokens-1 of them, pads 0): what ``common.captions.TokenizedCaptions`` hands the loader."""
+
+    def __init__(self, channels: int, size: int, max_tokens: int, seed: int = 0):
+        super().__init__(channels, size, 10, seed)
+        rng = np.random.default_rng([seed, 1])
+        self.ids = np.zeros((ITEMS, max_tokens), dtype=np.int64)
+        for row, length in zip(self.ids, rng.integers(min(8, max_tokens - 1), max_tokens, ITEMS)):
+            row[:length] = rng.integers(2, 100, length)
+            row[length] = 1
+        self.num_classes, self.class_names = None, None
+
+    def __getitem__(self, key):
+        index, _ = key
+        return self.images[index].copy(), self.ids[index].copy(), np.zeros(3, dtype=np.int64)
+
+
 def parse_args(argv=None):
     parser = step_parser("any backend, through its trainer")
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
@@ -59,6 +79,10 @@ def parse_args(argv=None):
     parser.add_argument("--mindspore-mode", choices=["pynative", "graph"], default="graph",
                         help="MindSpore only (graph is what its users train with)")
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing per block")
+    parser.add_argument("--condition", choices=["class", "text"], default="class",
+                        help="text: the caption encoder of configs/train/digits_text.yaml (65,536-row embedding)")
+    parser.add_argument("--text-depth", type=int, default=2)
+    parser.add_argument("--text-max-tokens", type=int, default=24)
     return parser.parse_args(argv)
 
 
@@ -91,13 +115,21 @@ def main(argv=None):
 
     config = train_config(args)
     spec = step_spec(args)
-    recipe = recipe_from_config(config, [str(i) for i in range(spec.num_classes)])
+    if args.condition == "text":
+        spec = type(spec).from_dict({**spec.to_dict(), "condition": "text", "text_depth": args.text_depth,
+                                     "text_max_tokens": args.text_max_tokens})
+        config["condition"] = "text"
+    recipe = recipe_from_config(config, None if args.condition == "text" else
+                                [str(i) for i in range(spec.num_classes)])
     backend = importlib.import_module(f"backends.{args.backend}.train").TrainAdapter()
     backend.setup(config)
     build_start = time.perf_counter()
     params = backend.build(spec, recipe, config)
     build_s = time.perf_counter() - build_start
-    source = RandomImages(spec.in_channels, spec.input_size, spec.num_classes, args.seed)
+    if args.condition == "text":
+        source = RandomCaptions(spec.in_channels, spec.input_size, spec.text_max_tokens, args.seed)
+    else:
+        source = RandomImages(spec.in_channels, spec.input_size, spec.num_classes, args.seed)
     sampler = StepSampler(len(source), args.batch, 1, 0, 1, args.seed)
     micro_batch = next(iter(backend.loader(source, sampler, 0, 0)))
     shape = (args.batch, spec.in_channels, spec.input_size, spec.input_size)
@@ -116,7 +148,7 @@ def main(argv=None):
     version = importlib.import_module(framework).__version__
     emit({"backend": args.backend, "framework_version": version, "device": backend.device,
           "model": args.model, "spec": spec.to_dict(), "batch": args.batch, "tokens": spec.num_patches,
-          "params": params, "objective": args.objective, "recompute": args.recompute,
+          "params": params, "objective": args.objective, "recompute": args.recompute, "condition": args.condition,
           "mindspore_mode": args.mindspore_mode if args.backend == "mindspore" else None,
           "step_s": timing["median_s"], "times_s": timing["times_s"], "spread": spread(timing["times_s"]),
           "warmup": timing["warmup"], "repeats": timing["repeats"], "build_s": build_s,

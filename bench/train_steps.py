@@ -23,7 +23,8 @@ BACKENDS = ("torch", "paddle", "mindspore")
 OPTIONS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
            "num_classes": "--num-classes", "depth": "--depth", "patch_size": "--patch-size", "scan": "--scan",
            "batch": "--batch", "warmup": "--warmup", "repeats": "--repeats", "device": "--device",
-           "objective": "--objective", "mindspore_mode": "--mindspore-mode"}
+           "objective": "--objective", "mindspore_mode": "--mindspore-mode", "condition": "--condition",
+           "text_depth": "--text-depth", "text_max_tokens": "--text-max-tokens"}
 FLAGS = {"recompute": "--recompute"}
 
 

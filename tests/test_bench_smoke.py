@@ -33,7 +33,7 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
 
     assert results["mode"] == "smoke"
     for key in ("schema", "date", "command", "machine", "wall_s", "section_wall_s", "wkv", "scaling", "kernels", "backends", "backends_demo",
-                "targets", "notes", "files"):
+                "backends_text", "targets", "notes", "files"):
         assert key in results, key
     for key in ("host", "device", "cpu", "cpu_count", "torch", "torch_threads"):
         assert key in results["machine"], key
@@ -68,13 +68,16 @@ def test_bench_smoke_writes_json_markdown_and_plots(tmp_path):
     assert "Token-mixing kernels" in (tmp_path / f"{stem}.md").read_text()
 
     # training step: torch ran in its own process and is its own reference
-    for section in ("backends_demo", "backends"):
+    for section in ("backends_demo", "backends_text", "backends"):
         torch_row = next(row for row in results[section]["rows"] if row["backend"] == "torch")
         assert torch_row["status"] == "ok", torch_row
         assert _positive(torch_row["step_s"]) and torch_row["ratio_to_torch"] == pytest.approx(1.0)
     # the demo step really is the demo's 16 tokens of 4x4 pixels
     demo_row = next(row for row in results["backends_demo"]["rows"] if row["backend"] == "torch")
     assert demo_row["result"]["tokens"] == 16 and demo_row["result"]["spec"]["patch_size"] == 4
+    text_row = next(row for row in results["backends_text"]["rows"] if row["backend"] == "torch")
+    assert text_row["result"]["condition"] == "text" and text_row["result"]["spec"]["condition"] == "text"
+    assert text_row["result"]["params"] > 65536 * 128  # the caption encoder's embedding is in the step
 
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "| T |" in markdown and "DiR vs DiT" in markdown and "Training step per backend" in markdown
@@ -93,6 +96,8 @@ def test_quick_mode_covers_the_issue_sizes():
     assert set(quick["backends"]["backends"]) == {"torch", "paddle", "mindspore"}
     assert (quick["backends"]["config"]["model"], quick["backends"]["config"]["input_size"]) == ("DiR-S/2", 32)
     assert set(quick["backends_demo"]["backends"]) == {"torch", "paddle", "mindspore"}
+    assert set(quick["backends_text"]["backends"]) == {"torch", "paddle", "mindspore"}
+    assert quick["backends_text"]["config"]["condition"] == "text" and quick["backends_text"]["config"]["repeats"] >= 5
     assert tuple(quick["kernels"]["tokens"]) == (256, 1024, 4096)
     assert tuple(quick["kernels"]["widths"]) == ("DiR-S/2", "DiR-XL/2")
     assert "dir-bidirectional+recompute" in quick["scaling"]["models"]

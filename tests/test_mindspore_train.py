@@ -151,6 +151,20 @@ if __name__ != "__main__":
                         "--out_dir", str(tmp_path / "none")], cwd=tmp_path)
 
     @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
+    @pytest.mark.parametrize("mode", ["pynative", "graph"])
+    def test_fused_adamw_is_torch_adamw(mode, tmp_path):
+        """ops.Adam with e = eps sqrt(1 - b2^t) is PyTorch's AdamW; the experimental optimizer agrees too."""
+        out = tmp_path / "adamw.npz"
+        run_python([str(Path(__file__)), "adamw", mode, str(out)], cwd=tmp_path)
+        got = np.load(out)
+        for name in ("w", "b", "steps"):
+            reference = got[f"reference/{name}"]
+            scale = np.abs(reference).max()
+            for kind in ("fused", "experimental"):
+                np.testing.assert_allclose(got[f"{kind}/{name}"], reference, rtol=0, atol=2e-6 * scale,
+                                           err_msg=f"{kind} AdamW, {name}, {mode}")
+        assert np.abs(got["reference/w"] - got["start/w"]).min() > 1e-3  # every entry moved: the check has teeth
+
     def test_msrun_two_workers_hold_identical_weights(tmp_path):
         run_dir = tmp_path / "ddp"
         run_dir.mkdir()
@@ -248,6 +262,61 @@ def poisoned_worker(out: str) -> None:
              nonfinite=np.asarray(poisoned.nonfinite_tensors(), dtype=str))
 
 
+def adamw_case(mode: str, out: str) -> None:
+    """The trainer's fused AdamW against ``mindspore.experimental.optim.AdamW`` and a float64
+    numpy transcription of ``torch.optim.AdamW``: 5 steps, changing learning rates, a decayed
+    matrix and an undecayed vector, through ``ApplyGradients`` (clipping off) as the trainer
+    calls it. Writes ``{fused,experimental,reference}/<name>`` to ``out``."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor
+    from mindspore.experimental.optim import AdamW as ExperimentalAdamW
+
+    from backends.mindspore import train as ms_train
+    from backends.mindspore.models import set_execution_mode
+
+    set_execution_mode(mode, "cpu")
+    rng = np.random.default_rng(3)
+    start = {"w": rng.standard_normal((6, 5)), "b": rng.standard_normal(5)}
+    grads = [{k: rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2) for k, v in start.items()}
+             for _ in range(5)]
+    lrs, betas, eps, decay = [1e-2, 3e-2, 2e-2, 5e-3, 1e-2], (0.9, 0.95), 1e-8, 0.1
+    results = {}
+    for kind in ("fused", "experimental"):
+        params = {k: Parameter(Tensor(v.astype(np.float32)), name=f"{kind}.{k}") for k, v in start.items()}
+        groups = [{"params": [params["w"]], "weight_decay": decay}, {"params": [params["b"]], "weight_decay": 0.0}]
+        if kind == "fused":
+            optimizer = ms_train.AdamW(groups, lr=lrs[0], betas=betas, eps=eps)
+        else:
+            optimizer = ExperimentalAdamW(groups, lr=lrs[0], betas=betas, eps=eps)
+        apply = ms_train.ApplyGradients(optimizer, 0.0)
+        for lr, g in zip(lrs, grads):
+            if kind == "fused":
+                ms_train.set_learning_rate(optimizer, lr)
+            else:
+                for group in optimizer.param_groups:
+                    ms.ops.assign(group["lr"], Tensor(lr, ms.float32))
+            apply(ms.mutable((Tensor(g["w"].astype(np.float32)), Tensor(g["b"].astype(np.float32)))),
+                  Tensor(1.0, ms.float32))
+        for k, p in params.items():
+            results[f"{kind}/{k}"] = p.asnumpy()
+        results[f"{kind}/steps"] = np.asarray(optimizer.state_step.asnumpy(), dtype=np.float64).reshape(-1)
+    state = {k: v.copy() for k, v in start.items()}
+    m = {k: np.zeros_like(v) for k, v in start.items()}
+    v2 = {k: np.zeros_like(v) for k, v in start.items()}
+    for t, (lr, g) in enumerate(zip(lrs, grads), start=1):  # torch.optim.AdamW, written out
+        for k in state:
+            state[k] *= 1.0 - lr * (decay if k == "w" else 0.0)
+            m[k] = betas[0] * m[k] + (1 - betas[0]) * g[k]
+            v2[k] = betas[1] * v2[k] + (1 - betas[1]) * g[k] ** 2
+            denom = np.sqrt(v2[k]) / np.sqrt(1 - betas[1] ** t) + eps
+            state[k] -= lr / (1 - betas[0] ** t) * m[k] / denom
+    for k, v in state.items():
+        results[f"reference/{k}"] = v
+    results["reference/steps"] = np.array([len(lrs)], dtype=np.float64)
+    results["start/w"] = start["w"]
+    np.savez(out, **results)
+
+
 def dying_worker(run_dir: str, *extra: str) -> None:
     """msrun worker whose rank 1 is killed once DIE_AFTER_CHECKPOINT is complete."""
     import signal
@@ -275,5 +344,7 @@ if __name__ == "__main__":
         worker(sys.argv[2], *sys.argv[3:])
     elif sys.argv[1] == "dying":
         dying_worker(sys.argv[2], *sys.argv[3:])
+    elif sys.argv[1] == "adamw":
+        adamw_case(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "poisoned":
         poisoned_worker(sys.argv[2])

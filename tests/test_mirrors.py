@@ -30,6 +30,10 @@ FRAMEWORK_ONLY = {
     ("mindspore", "train.py", "ReduceGradients"): "cross-rank mean and global norm as a compiled Cell, before the update",
     ("mindspore", "train.py", "ApplyGradients"): "clipping and AdamW in one compiled Cell",
     ("mindspore", "train.py", "EMAUpdate"): "the EMA update as one compiled Cell",
+    ("mindspore", "train.py", "AdamW"): "torch/paddle AdamW are fused kernels; MindSpore's experimental one is ~10 ops a "
+                                       "tensor on CPU, so its fused ops.Adam is wrapped as PyTorch's AdamW",
+    ("mindspore", "train.py", "AdamW.__init__"): "see AdamW",
+    ("mindspore", "train.py", "AdamW.__call__"): "see AdamW",
     ("mindspore", "train.py", "build_ema"): "a renamed (ema.) copy of the Cell's parameters",
     ("mindspore", "train.py", "set_learning_rate"): "in-place assign: a compiled step holds the lr tensor",
     ("mindspore", "train.py", "read_checkpoint"): "the .ckpt reader the sampler and resume share",
