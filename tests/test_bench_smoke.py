@@ -119,6 +119,19 @@ def test_demo_step_matches_the_demo_config():
     assert DEMO_STEP["model"] == config["model"]
 
 
+def test_text_step_matches_the_text_demo_config():
+    """bench's text step times the network, caption encoder and batch configs/train/digits_text.yaml trains."""
+    from bench.run import TEXT_STEP
+    from common.config import TRAIN_SCHEMA, parse_cli
+
+    config, _ = parse_cli(["-c", str(REPO_ROOT / "configs/train/digits_text.yaml")], TRAIN_SCHEMA, "t")
+    assert config["condition"] == TEXT_STEP["condition"] == "text"
+    for key, config_key in (("input_size", "image_size"), ("patch_size", "patch_size"), ("depth", "depth"),
+                            ("batch", "global_batch_size"), ("model", "model"), ("text_depth", "text_depth"),
+                            ("text_max_tokens", "text_max_tokens")):
+        assert TEXT_STEP[key] == config[config_key], key
+
+
 def test_step_commands_and_result_parsing():
     from bench.train_steps import command, merge_rounds, parse_result
 
