@@ -32,7 +32,7 @@ TENSOR = "tensor"  # a raw parameter used as is (RWKV mixes, LoRA matrices, deca
 class ParamInfo:
     name: str
     shape: tuple[int, ...]
-    init: str  # xavier_uniform | zeros | ones | normal_0.02 | uniform_0.01 | sincos | rwkv6
+    init: str  # xavier_uniform | zeros | ones | normal_0.02 | normal_1 | uniform_0.01 | sincos | rwkv6
     kind: str
     layer: int = -1  # block index for RWKV-6 layer-dependent init
 
@@ -87,7 +87,10 @@ def _text_encoder(spec: DiRSpec):
     projection to hidden_size when the widths differ."""
     text = spec.text_encoder_spec()
     w, p = text.hidden_size, TEXT_PREFIX.rstrip(".")
-    yield ParamInfo(f"{p}.null_embedding", (spec.hidden_size,), "normal_0.02", TENSOR)
+    # The null caption's embedding stands where a pooled caption stands, and a pooled caption leaves
+    # ln_out at unit scale: so randn, as Di-R inits its null_embeddings. At the label table's 0.02 the
+    # unconditional branch of guidance starts ~50x closer to the origin than every caption.
+    yield ParamInfo(f"{p}.null_embedding", (spec.hidden_size,), "normal_1", TENSOR)
     yield ParamInfo(f"{p}.emb.weight", (spec.text_vocab, w), "normal_0.02", EMBEDDING)
     for j in range(text.depth):
         b = f"{p}.blocks.{j}"
@@ -187,6 +190,8 @@ def init_canonical(spec: DiRSpec, seed: int = 0) -> dict[str, np.ndarray]:
             value = np.ones(shape)
         elif info.init == "normal_0.02":
             value = rng.normal(0.0, 0.02, size=shape)
+        elif info.init == "normal_1":
+            value = rng.normal(0.0, 1.0, size=shape)
         elif info.init == "uniform_0.01":
             value = rng.uniform(-0.01, 0.01, size=shape)
         elif info.init == "xavier_uniform":

@@ -11,10 +11,11 @@ from PIL import Image
 
 from common.captions import (
     BAD_ITEM_KINDS, DIGIT_CAPTION_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, HELD_OUT_TEMPLATE_COUNT, TRAIN_DIGIT_TEMPLATES,
-    TRAIN_CAPTION_FILLERS, TRAIN_CAPTION_PREFIXES, TRAIN_CAPTION_SUFFIXES, BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
+    TRAIN_CAPTION_FILLERS, TRAIN_CAPTION_PREFIXES, UNSEEN_WORD_DIGIT_TEMPLATES, TRAIN_CAPTION_SUFFIXES, BadItem, CaptionFolderSource, DigitCaptionSource, ZipCaptionSource, bad_item_counts, digit_caption,
     digits_named, held_out_digit_prompts, read_zip_meta, train_digit_captions, write_zip_meta,
 )
 from common.data import DIGIT_NAMES, DataError, StepSampler, UnreadableItemWarning, center_crop_arr, uint8_to_model
+from common.text import world_tokenizer
 
 S = 16
 
@@ -260,7 +261,7 @@ def test_caption_folder_without_captions_or_images_is_an_error(tmp_path):
 # ---- captioned digits -----------------------------------------------------------------------------
 
 def test_digit_templates_and_held_out_phrasings_never_trained_on():
-    assert len(DIGIT_CAPTION_TEMPLATES) >= 8 + HELD_OUT_TEMPLATE_COUNT and HELD_OUT_TEMPLATE_COUNT == 2
+    assert len(DIGIT_CAPTION_TEMPLATES) == 8 + HELD_OUT_TEMPLATE_COUNT and HELD_OUT_TEMPLATE_COUNT == 4
     assert set(TRAIN_DIGIT_TEMPLATES).isdisjoint(HELD_OUT_DIGIT_TEMPLATES)
     assert TRAIN_DIGIT_TEMPLATES + HELD_OUT_DIGIT_TEMPLATES == DIGIT_CAPTION_TEMPLATES
     source = DigitCaptionSource(S, per_image=3)  # scikit-learn's 1797 digits, 3 captions each
@@ -277,11 +278,22 @@ def test_digit_templates_and_held_out_phrasings_never_trained_on():
     assert all(any(c.endswith(q) for c in captions) for q in TRAIN_CAPTION_SUFFIXES)
     assert all(any(f" {w} " in f" {c} " for c in captions) for w in TRAIN_CAPTION_FILLERS)
     assert len(set(captions[:30])) > 20  # varied, even for one image
-    # Not even the wording of a held-out phrasing, apart from the digit, appears in training.
-    held_out_words = {w for t in HELD_OUT_DIGIT_TEMPLATES for w in re.findall(r"[a-z-]+", re.sub(r"\{\w+\}", "", t))
-                      if w not in ("a", "as", "with")}
+    # What is held out is the arrangement, not the words: no held-out caption occurs inside a training caption,
+    # nor does one with the fillers taken out, yet every token of every held-out prompt is a trained token.
+    fillers = set(TRAIN_CAPTION_FILLERS)
+    unfilled = [" ".join(w for w in c.split(" ") if w not in fillers) for c in captions]
+    assert not any(h in c for h in held_out for c in captions + unfilled)
+    tokenizer = world_tokenizer()
+    train_ids = {i for c in captions for i in tokenizer.encode_caption(c, 64)[0]}
+    for prompt in held_out:
+        assert set(tokenizer.encode_caption(prompt, 64)[0]) <= train_ids, prompt
+    # The unseen-word probe is the opposite: its words, the digit aside, are never trained.
+    unseen_words = {w for t in UNSEEN_WORD_DIGIT_TEMPLATES for w in re.findall(r"[a-z-]+", re.sub(r"\{\w+\}", "", t))
+                    if w not in ("a", "as", "with")}
     train_words = {w for c in captions for w in re.findall(r"[a-z-]+", c.lower())}
-    assert held_out_words and held_out_words.isdisjoint(train_words), held_out_words & train_words
+    assert unseen_words and unseen_words.isdisjoint(train_words), unseen_words & train_words
+    unseen = held_out_digit_prompts(2, templates=UNSEEN_WORD_DIGIT_TEMPLATES)[0]
+    assert len(unseen) == 20 and not set(unseen) & set(captions) and all(p not in held_out for p in unseen)
     for caption, label in zip(captions, labels):
         assert digits_named(caption) == [label], caption
     x, caption, skipped = source[(17, True)]  # image 5's third caption
@@ -291,17 +303,18 @@ def test_digit_templates_and_held_out_phrasings_never_trained_on():
 
 def test_held_out_prompts_name_their_digits():
     prompts, labels = held_out_digit_prompts()
-    assert len(prompts) == 20 and labels.dtype == np.int64
-    assert labels.tolist() == [d for d in range(10) for _ in range(2)]  # as common.training.grid_classes
+    assert len(prompts) == 40 and labels.dtype == np.int64
+    assert labels.tolist() == [d for d in range(10) for _ in range(4)]  # as common.training.grid_classes
     for j, (prompt, label) in enumerate(zip(prompts, labels)):
-        assert prompt == digit_caption(label, HELD_OUT_DIGIT_TEMPLATES[j % 2])
+        assert prompt == digit_caption(label, HELD_OUT_DIGIT_TEMPLATES[j % 4])
         assert digits_named(prompt) == [label]
-    prompts, labels = held_out_digit_prompts(labels=[7, 7, 7, 0])
-    assert prompts == [digit_caption(7, HELD_OUT_DIGIT_TEMPLATES[0]), digit_caption(7, HELD_OUT_DIGIT_TEMPLATES[1]),
-                       digit_caption(7, HELD_OUT_DIGIT_TEMPLATES[0]), digit_caption(0, HELD_OUT_DIGIT_TEMPLATES[0])]
+    prompts, labels = held_out_digit_prompts(labels=[7, 7, 7, 0], templates=UNSEEN_WORD_DIGIT_TEMPLATES)
+    assert prompts == [digit_caption(7, UNSEEN_WORD_DIGIT_TEMPLATES[0]), digit_caption(7, UNSEEN_WORD_DIGIT_TEMPLATES[1]),
+                       digit_caption(7, UNSEEN_WORD_DIGIT_TEMPLATES[0]), digit_caption(0, UNSEEN_WORD_DIGIT_TEMPLATES[0])]
     assert labels.tolist() == [7, 7, 7, 0]
-    every = [digit_caption(d, t) for t in DIGIT_CAPTION_TEMPLATES for d in range(10)]
-    assert all(digits_named(c) == [d] for c, d in zip(every, list(range(10)) * len(DIGIT_CAPTION_TEMPLATES)))
+    templates = DIGIT_CAPTION_TEMPLATES + UNSEEN_WORD_DIGIT_TEMPLATES
+    every = [digit_caption(d, t) for t in templates for d in range(10)]
+    assert all(digits_named(c) == [d] for c, d in zip(every, list(range(10)) * len(templates)))
     assert digit_caption(7, "{word} {Word} {num}") == f"{DIGIT_NAMES[7]} Seven 7"
     assert digits_named("Seven, one and 3") == [7, 1, 3] and digits_named("someone phoned") == []
     with pytest.raises(ValueError, match="outside 0..9"):

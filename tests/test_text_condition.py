@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("rwkv", reason="the RWKV world vocabulary ships in the rwkv wheel (requirements/text.txt)")
 
 from backends.torch.models import DiR, first_eos_position  # noqa: E402
-from common.captions import held_out_digit_prompts  # noqa: E402
+from common.captions import UNSEEN_WORD_DIGIT_TEMPLATES, held_out_digit_prompts  # noqa: E402
 from common.conditions import drop_conditions, null_condition  # noqa: E402
 from common.config import SAMPLE_SCHEMA, TRAIN_SCHEMA, ConfigError, parse_cli  # noqa: E402
 from common.params import init_canonical, parameter_table  # noqa: E402
@@ -59,6 +59,21 @@ def test_text_init_uses_the_text_blocks_own_layer_schedule():
     np.testing.assert_array_equal(state["text_encoder.blocks.1.att.time_decay"],
                                   rwkv6_init(text, "text_encoder.blocks.1.att.time_decay", 1))
     assert not np.array_equal(state["text_encoder.blocks.1.att.time_decay"], state["blocks.1.att.time_decay"][:32])
+
+
+def test_the_null_embedding_starts_where_captions_stand():
+    # Guidance's unconditional branch must start at the scale of a pooled caption (ln_out's unit scale),
+    # not at the label table's 0.02: the digits text demo's score depends on it (README: Text-to-image).
+    spec = build_spec("DiR-Tiny/2", **{**TEXT, "text_width": 0})  # no projection: pooled = ln_out's output
+    state = init_canonical(spec)
+    null = state["text_encoder.null_embedding"]
+    assert 0.8 < null.std() < 1.2 and abs(null.mean()) < 0.3
+    model = DiR(spec).eval()
+    model.load_canonical(state)
+    with torch.no_grad():
+        pooled = model.text_encoder(torch.tensor([[9, 10, 11, EOS_ID], [300, 40, EOS_ID, 0]]))
+    ratio = np.linalg.norm(null) / pooled.norm(dim=1).numpy()
+    assert ((0.7 < ratio) & (ratio < 1.4)).all(), ratio
 
 
 def test_first_eos_position_needs_no_tie_breaking():
@@ -137,7 +152,9 @@ def test_prompt_keys_and_errors(tmp_path):
 
 def test_the_sample_config_prompts_are_the_held_out_phrasings(repo_root):
     lines = (repo_root / "configs/sample/digits_text_prompts.txt").read_text().splitlines()
-    assert lines == held_out_digit_prompts(2)[0]
+    assert lines == held_out_digit_prompts(4)[0]
+    lines = (repo_root / "configs/sample/digits_text_unseen_words_prompts.txt").read_text().splitlines()
+    assert lines == held_out_digit_prompts(2, templates=UNSEEN_WORD_DIGIT_TEMPLATES)[0]
 
 
 def text_train_args(run_dir, *extra):
