@@ -5,7 +5,7 @@
 #   ddpm: configs/{train,sample}/digits.yaml       (DiT's DDPM recipe, cosine schedule, DDIM 50 steps)
 #   flow: configs/{train,sample}/digits_flow.yaml  (SiT's flow matching, linear path, Heun 25 evaluations)
 #   text: configs/{train,sample}/digits_text.yaml  (captions through an RWKV-6 text encoder, as Di-R; sampled
-#         with the two phrasings held out of training, 20 images per digit)
+#         with the four phrasings held out of training, 20 images per digit)
 # Outputs go to runs/digits[_flow|_text][_paddle|_mindspore]/: checkpoints/, loss.png, log.jsonl,
 # samples_eval/{grid.png,samples.npz,info.json}, eval.json.
 set -euo pipefail
