@@ -261,8 +261,8 @@ def test_hand_written_backward_matches_autodiff(dtype_name, bidirectional, decay
     grad_out = np.random.default_rng(1).standard_normal(r.shape).astype(dtype)
     groups = 1
     if grouped:
-        per_chunk = (2 if bidirectional else 1) * r.shape[2] * 64 * r.shape[3]  # G * L * K
-        monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * per_chunk)
+        rows = (2 if bidirectional else 1) * r.shape[2] * 3  # (direction, head, chunk) rows of 64 x K
+        monkeypatch.setattr(wkv, "GROUP_ELEMENTS", (rows // 2) * 64 * r.shape[3])
         groups = 2
     ref, ref_grads = _autodiff_values_and_grads((r, k, v, w, u), grad_out, bidirectional, 64, 16)
     scans = _spy(monkeypatch, wkv, "_chunked_scan_backward")
@@ -273,6 +273,26 @@ def test_hand_written_backward_matches_autodiff(dtype_name, bidirectional, decay
     assert out.dtype == dtype and rel(out, ref) < tol
     for name, a, b in zip("rkvwu", grads, ref_grads):
         assert a.dtype == dtype and rel(a, b) < tol, name
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_closed_form_chunk_gradients_equal_autograd(with_state):
+    """The backward's closed form for bounded chunks against ``ms.vjp`` over the recomputed chunk
+    (its reference), with a start state and a next-state gradient or, for a lone chunk, without."""
+    from backends.mindspore import wkv
+
+    rng = np.random.default_rng(3)
+    rows, size, dk = 6, 32, 8
+    r, k, v, grad_out = (Tensor(rng.standard_normal((rows, 1, size, dk))) for _ in range(4))
+    w = Tensor(-np.exp(rng.standard_normal((rows, 1, size, dk)) - 1.5))
+    state = Tensor(rng.standard_normal((rows, 1, dk, dk))) if with_state else None
+    grad_next = Tensor(rng.standard_normal((rows, 1, dk, dk))) if with_state else None
+    flat_w = w.reshape(rows, size, dk)
+    assert bool(wkv._factorisable(flat_w, wkv._exclusive_cumsum(flat_w, dim=-2)).all())
+    closed = wkv._factorised_chunk_grads(r, k, v, w, state, grad_out, grad_next)
+    reference = wkv._autograd_chunk_grads(r, k, v, w, state, grad_out, grad_next, wkv.SUB_CHUNK_SIZE, "auto")
+    for name, a, b in zip("rkvw", closed, reference):
+        assert a.shape == b.shape and rel(a.asnumpy(), b.asnumpy()) < 1e-12, name
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -293,15 +313,16 @@ def test_hand_written_backward_of_a_single_chunk(bidirectional, monkeypatch):
 
 def test_graph_mode_takes_autodiff_with_groups(monkeypatch):
     """"safe" compiled by ms.jit differentiates the forward (no bprop: MindSpore cannot compile it),
-    its chunks scored in groups of two: the same values and gradients as the eager hand-written
+    its chunk rows scored in groups of five: the same values and gradients as the eager hand-written
     backward over the same groups."""
     from backends.mindspore import wkv
 
     inputs = make_inputs(150, np.float64, "mixed", batch=1)
     grad_out = np.random.default_rng(1).standard_normal(inputs[0].shape)
-    chunked = np.empty((2 * inputs[0].shape[2], 3, 64, inputs[0].shape[3]))  # [G, N, L, K]
-    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * chunked[:, 0].size)
-    assert wkv._chunk_groups(chunked) == [(0, 2), (2, 3)]
+    rows = np.empty((2 * inputs[0].shape[2] * 3, 1, 64, inputs[0].shape[3]))  # [G*N, 1, L, K]
+    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 5 * rows[0].size)
+    monkeypatch.setattr(wkv, "SAFE_GROUP_ELEMENTS", 5 * rows[0].size)
+    assert wkv._row_groups(rows, "safe") == wkv._row_groups(rows) == [(0, 5), (5, 10), (10, 12)]
     out, grads = graph_values_and_grads(inputs, grad_out, True)
     ref, ref_grads = values_and_grads(wkv6, inputs, grad_out, bidirectional=True)
     assert rel(out, ref) < 1e-10

@@ -183,18 +183,19 @@ def test_inputs_that_require_grad_take_the_pylayer_and_others_do_not():
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_pylayer_gradients_equal_autograd_through_the_forward(bidirectional, monkeypatch):
-    """Five chunks (T = 300, padded) recomputed in groups of 2, 2 and 1; one chunk decays too
-    strongly to factorise (its sub-chunks are split again) and one reaches the pairwise path."""
+    """Five chunks (T = 300, padded) recomputed in groups of three chunk rows (cutting through
+    heads and chunks); one chunk decays too strongly to factorise (its sub-chunks are split
+    again) and one reaches the pairwise path, beside chunks that take the closed form."""
     from backends.paddle import wkv
 
     arrays = make_inputs(300, np.float64, "init", batch=1)
     arrays[3][:, 64:128] = -30.0  # 64 * 30 > 300: split; 16 * 30 > 300: split again; 4 * 30 factorises
     arrays[3][:, 200:208] = -1e4  # even 4 tokens exceed the fp64 bound: pairwise
     directions = 2 if bidirectional else 1
-    per_chunk = directions * 2 * 64 * 8  # G * L * K
-    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 2 * per_chunk)
-    groups = wkv._chunk_groups(paddle.zeros([directions * 2, 5, 64, 8]))
-    assert [(part.start, part.stop) for part in groups] == [(0, 2), (2, 4), (4, 5)]
+    rows = directions * 2 * 5  # (direction, head, chunk) rows of 64 x 8
+    monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 3 * 64 * 8)
+    groups = wkv._row_groups(paddle.zeros([rows, 64, 8]))
+    assert [(part.start, part.stop) for part in groups] == [(s, min(s + 3, rows)) for s in range(0, rows, 3)]
     pairwise, calls = wkv._pairwise_scores, []
     monkeypatch.setattr(wkv, "_pairwise_scores", lambda *a: calls.append(1) or pairwise(*a))
     grad_out = paddle.to_tensor(np.random.default_rng(1).standard_normal(arrays[0].shape))
@@ -210,6 +211,26 @@ def test_pylayer_gradients_equal_autograd_through_the_forward(bidirectional, mon
     assert rel(out.numpy(), plain.numpy()) < 1e-14
     for name, a, b in zip("rkvwu", grads, plain_grads):
         assert np.isfinite(a).all() and rel(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_closed_form_chunk_gradients_equal_autograd(with_state):
+    """The backward's closed form for bounded chunks against autograd over the recomputed chunk (its
+    reference), with a start state and a next-state gradient or, for a lone chunk, without."""
+    from backends.paddle import wkv
+
+    gen = np.random.default_rng(3)
+    rows, size, dk = 6, 32, 8
+    r, k, v, grad_out = (paddle.to_tensor(gen.standard_normal((rows, size, dk))) for _ in range(4))
+    w = paddle.to_tensor(-np.exp(gen.standard_normal((rows, size, dk)) - 1.5))
+    state = paddle.to_tensor(gen.standard_normal((rows, dk, dk))) if with_state else None
+    grad_next = paddle.to_tensor(gen.standard_normal((rows, dk, dk))) if with_state else None
+    assert bool(wkv._factorisable(w, wkv._exclusive_cumsum(w, dim=-2)).all())
+    with paddle.no_grad():
+        closed = wkv._factorised_chunk_grads(r, k, v, w, state, grad_out, grad_next)
+        reference = wkv._autograd_chunk_grads(r, k, v, w, state, grad_out, grad_next, wkv.SUB_CHUNK_SIZE)
+    for name, a, b in zip("rkvw", closed, reference):
+        assert rel(a.numpy(), b.numpy()) < 1e-12, name
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -346,30 +346,43 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
 
 
 # Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
-# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
-# chunks are several times the inputs' size, so the group bounds that working memory whatever
-# the sequence length, and keeps each group's products large enough to run at full speed.
-GROUP_ELEMENTS = 1 << 22
+# elements, cut across batch, heads and chunks alike: the scores, sub-chunk keys and
+# exponentials are several times the inputs' size, so the group bounds that working memory
+# whatever the sequence length; 1 MB of fp32 per input keeps a group's elementwise passes in
+# the caches (see backends/torch/wkv.py for the measurement).
+GROUP_ELEMENTS = 1 << 18
+# Graph mode ("safe") differentiates the forward, so its autodiff keeps every group's
+# intermediates anyway: there groups bound only a no-grad call's working memory, and each group
+# is another copy of the scoring ops in the graph. Larger groups: the DiR-S/2 step (256 tokens,
+# batch 8) took 592 ms with 1 << 18 against 553 ms with 1 << 22.
+SAFE_GROUP_ELEMENTS = 1 << 22
 
 
-def _chunk_groups(x):
-    """(start, stop) ranges of the chunk axis (1) of a chunked [G, N, L, K] tensor, a group at a time."""
-    n_chunks = x.shape[1]
-    per_chunk = max(1, _prod(x.shape) // n_chunks)
-    size = max(1, GROUP_ELEMENTS // per_chunk)
-    return [(start, min(start + size, n_chunks)) for start in range(0, n_chunks, size)]
+def _rows(x):
+    """[G, N, L, K] -> [G*N, 1, L, K] (None stays None): chunks are independent given their start
+    states, so groups are cut across batch, heads and chunks alike."""
+    return None if x is None else x.reshape(-1, 1, *x.shape[-2:])
+
+
+def _row_groups(x, branch: str = "auto"):
+    """(start, stop) ranges of the rows (axis 0) of a [M, 1, L, K] tensor of chunks, a group at a time."""
+    rows = x.shape[0]
+    elements = GROUP_ELEMENTS if branch == "auto" else SAFE_GROUP_ELEMENTS
+    size = max(1, elements // max(1, _prod(x.shape[1:])))
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
     """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory).
     The groups are cut with ``split`` (plain autodiff may run through here: the backward of
     slicing is a slow strided-slice gradient, that of ``split`` a concat)."""
-    groups = _chunk_groups(r)
+    rows = [_rows(x) for x in (r, k, v, w, states)]
+    groups = _row_groups(rows[0], branch)
     if len(groups) == 1:
         return _chunk_outputs(r, k, v, w, states, sub_chunk_size, branch)
     sizes = tuple(stop - start for start, stop in groups)
-    parts = [ops.split(x, sizes, 1) for x in (r, k, v, w, states)]
-    return ops.concat([_chunk_outputs(*part, sub_chunk_size, branch) for part in zip(*parts)], 1)
+    parts = [[None] * len(groups) if x is None else ops.split(x, sizes, 0) for x in rows]
+    return ops.concat([_chunk_outputs(*part, sub_chunk_size, branch) for part in zip(*parts)], 0).reshape(v.shape)
 
 
 class _RowGather(nn.Cell):
@@ -472,17 +485,88 @@ def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch):
     return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
 
 
-def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int, branch: str):
-    """The [r, k, v, w] gradients of chunks [G, n, L, K] given their start states [G, n, K, V]
-    and the gradients of their outputs [G, n, L, V] and of the states after them [G, n, K, V],
-    from ``ms.vjp`` over the recomputed chunks (their graph freed on return)."""
+def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
+    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form: the
+    factorised forward's products run backwards, with no autodiff and no recomputed scores
+    beyond one matmul. ``_autograd_chunk_grads`` is its reference (tests tie the two).
+
+    r, k, w [..., L, K], v and grad_out [..., L, V]; start_state and grad_next_state [..., K, V],
+    or both None for a lone chunk (zero start state, next state unused). With B the exclusive
+    cumulative sum of w from the chunk start and A the reverse one to its end, the forward is
+        q = r e^B,  p = k e^-(B + w),  scores = (q p^T) * earlier,  out = scores v + q S,
+        S_next = e^(sum w) S + (k e^A)^T v,
+    so every exponent a gradient meets is one the forward already bounded.
+    """
+    shapes = [x.shape for x in (r, k, v, w)]
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[-2:])  # noqa: E731
+    r, k, v, w, start_state, grad_out, grad_next_state = (
+        flat(x) for x in (r, k, v, w, start_state, grad_out, grad_next_state))
+    size = r.shape[-2]
+    earlier = _tile_to(_earlier_mask(size, r.dtype).expand_dims(0), (r.shape[0], size, size))
+    decay_before = _exclusive_cumsum(w, dim=-2)
+    query_decay, key_growth = ops.exp(decay_before), ops.exp(-(decay_before + w))
+    query, key = r * query_decay, k * key_growth
+    scores = _bmm_nt(query, key) * earlier
+    grad_scores = _bmm_nt(grad_out, v) * earlier
+    grad_v = _bmm_tn(scores, grad_out)
+    grad_query = _bmm(grad_scores, key)
+    if start_state is not None:
+        grad_query = grad_query + _bmm_nt(grad_out, start_state)
+    grad_key = _bmm_tn(grad_scores, query)
+    grad_r, grad_k = grad_query * query_decay, grad_key * key_growth
+    # d/dw_j: q_t carries w_j for t > j; p_s carries -w_j for s >= j (exact sums, no differences)
+    key_term = grad_key * key
+    grad_w = _reverse_exclusive_cumsum(grad_query * query - key_term, dim=-2) - key_term
+    if grad_next_state is not None:
+        key_decay = ops.exp(_reverse_exclusive_cumsum(w, dim=-2))
+        decayed_key = k * key_decay
+        grad_v = grad_v + _bmm(decayed_key, grad_next_state)
+        grad_decayed_key = _bmm_nt(v, grad_next_state)
+        grad_k = grad_k + grad_decayed_key * key_decay
+        # (k e^A)_s carries w_j for s < j; e^(sum w) carries every w_j
+        grad_chunk_decay = _sum_axis(grad_next_state * start_state, -1) * ops.exp(_sum_axis(w, -2))  # [M, K]
+        grad_w = (grad_w + _exclusive_cumsum(grad_decayed_key * decayed_key, dim=-2)
+                  + _expand(grad_chunk_decay.expand_dims(1), w.shape))
+    return [g.reshape(shape) for g, shape in zip((grad_r, grad_k, grad_v, grad_w), shapes)]
+
+
+def _autograd_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int, branch: str):
+    """The same gradients as ``_factorised_chunk_grads``, for any decay: ``ms.vjp`` over the
+    recomputed chunks [M, 1, L, K] (``_chunk_outputs`` and, given grad_next_state, the state
+    transition; their graph freed on return)."""
+    if grad_next_state is None:
+        _, pullback = ms.vjp(lambda *xs: _chunk_outputs(*xs, None, sub_chunk_size, branch), r, k, v, w)
+        return list(pullback(grad_out))
+
     def outputs_and_next_state(r_p, k_p, v_p, w_p):
         out = _chunk_outputs(r_p, k_p, v_p, w_p, start_state, sub_chunk_size, branch)
         decay, kv = _chunk_transitions(k_p, v_p, w_p)
         return out, _expand(decay.expand_dims(-1), kv.shape) * start_state + kv
 
     _, pullback = ms.vjp(outputs_and_next_state, r, k, v, w)
-    return pullback((grad_out, grad_next_state))
+    return list(pullback((grad_out, grad_next_state)))
+
+
+def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int, branch: str):
+    """The [r, k, v, w] gradients of chunk rows [M, 1, L, K] given their start states [M, 1, K, V]
+    and the gradients of their outputs [M, 1, L, V] and of the states after them [M, 1, K, V]
+    (both states None for a lone chunk): in closed form where a chunk's decay is bounded, by
+    ``ms.vjp`` over the recomputed chunk where it is not, chosen chunk by chunk as "auto" does."""
+    args = (r, k, v, w, start_state, grad_out, grad_next_state)
+    if branch != "auto":
+        return _autograd_chunk_grads(*args, sub_chunk_size, branch)
+    flat_w = w.reshape(-1, *w.shape[-2:])
+    bounded = _factorisable(flat_w, _exclusive_cumsum(flat_w, dim=-2))
+    if bool(bounded.all()):
+        return _factorised_chunk_grads(*args)
+    if not bool(bounded.any()):
+        return _autograd_chunk_grads(*args, sub_chunk_size, branch)
+    fast, slow = ops.nonzero(bounded).reshape(-1), ops.nonzero(~bounded).reshape(-1)
+    pick = lambda rows: [None if x is None else ops.gather(x, rows, 0) for x in args]  # noqa: E731
+    parts = zip(_factorised_chunk_grads(*pick(fast)), _autograd_chunk_grads(*pick(slow), sub_chunk_size, branch))
+    # torch's two index_copy calls: both parts stacked, then gathered back into row order
+    order = ops.argsort(ops.concat([fast, slow], 0))
+    return [ops.gather(ops.concat([a, b], 0), order, 0) for a, b in parts]
 
 
 def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int, branch: str):
@@ -490,39 +574,38 @@ def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int, br
 
     The state's gradient runs backwards through the chunks in closed form,
     dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
-    chunks are independent, so each group's local gradients come from ``ms.vjp`` over the
-    recomputed group: exactly the gradients autodiff gives over the whole forward pass.
+    chunks are independent, and each group's local gradients come from ``_local_grads``:
+    exactly the gradients autodiff gives over the whole forward pass.
     The inputs carry no graph; returns the [r, k, v, w] gradients, of their shapes.
     """
-    if states is None:  # one chunk: nothing flows between chunks
-        _, pullback = ms.vjp(lambda *xs: _chunk_outputs(*xs, None, sub_chunk_size, branch), r, k, v, w)
-        return list(pullback(grad_out))
-    groups, n_chunks, size, dk = r.shape
-    dv = v.shape[-1]
-    queries = (r * ops.exp(_exclusive_cumsum(w, dim=-2))).reshape(-1, size, dk)
-    reads = ops.unbind(_bmm_tn(queries, grad_out.reshape(-1, size, dv)).reshape(groups, n_chunks, dk, dv), 1)
-    decays = ops.unbind(ops.exp(_sum_axis(w, -2)).expand_dims(-1), 1)  # [G, K, 1] per chunk
-    del queries
-    state_shape = (groups, dk, dv)
-    after = [None] * n_chunks  # after[c]: d loss / d (the state after chunk c)
-    following = ops.zeros(state_shape, r.dtype)
-    for c in range(n_chunks - 1, -1, -1):
-        after[c] = following
-        following = reads[c] + _expand(decays[c], state_shape) * following
-    after = ops.stack(after, axis=1)
-    del reads, following  # an input's size each, not needed by the recompute
-    parts = _chunk_groups(r)
+    after = None  # after[c]: d loss / d (the state after chunk c); None for one chunk
+    if states is not None:
+        groups, n_chunks, size, dk = r.shape
+        dv = v.shape[-1]
+        queries = (r * ops.exp(_exclusive_cumsum(w, dim=-2))).reshape(-1, size, dk)
+        reads = ops.unbind(_bmm_tn(queries, grad_out.reshape(-1, size, dv)).reshape(groups, n_chunks, dk, dv), 1)
+        decays = ops.unbind(ops.exp(_sum_axis(w, -2)).expand_dims(-1), 1)  # [G, K, 1] per chunk
+        del queries
+        state_shape = (groups, dk, dv)
+        after = [None] * n_chunks
+        following = ops.zeros(state_shape, r.dtype)
+        for c in range(n_chunks - 1, -1, -1):
+            after[c] = following
+            following = reads[c] + _expand(decays[c], state_shape) * following
+        after = ops.stack(after, axis=1)
+        del reads, following  # an input's size each, not needed by the recompute
+    rows = [_rows(x) for x in (r, k, v, w, states, grad_out, after)]
+    parts = _row_groups(rows[0])
     if len(parts) == 1:
-        return list(_local_grads(r, k, v, w, states, grad_out, after, sub_chunk_size, branch))
-    # filled a group at a time, not concatenated: no second copy
-    grads = [ops.zeros(x.shape, x.dtype) for x in (r, k, v, w)]
-    for start, stop in parts:
-        # slices (views; no gradient flows through them here)
-        local = _local_grads(*(x[:, start:stop] for x in (r, k, v, w, states, grad_out, after)),
-                             sub_chunk_size, branch)
-        for full, g in zip(grads, local):
-            full[:, start:stop] = g
-    return grads
+        local = _local_grads(*rows, sub_chunk_size, branch)
+    else:  # filled a group at a time, not concatenated: no second copy
+        local = [ops.zeros(x.shape, x.dtype) for x in rows[:4]]
+        for start, stop in parts:
+            # slices (views; no gradient flows through them here)
+            grads = _local_grads(*(None if x is None else x[start:stop] for x in rows), sub_chunk_size, branch)
+            for full, g in zip(local, grads):
+                full[start:stop] = g
+    return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
 
 
 class _WKV6(nn.Cell):

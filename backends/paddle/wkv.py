@@ -215,36 +215,44 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
 
 
 # Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
-# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
-# chunks are several times the inputs' size, so the group bounds that working memory whatever
-# the sequence length, and keeps each group's products large enough to run at full speed.
-GROUP_ELEMENTS = 1 << 22
+# elements, cut across batch, heads and chunks alike: the scores, sub-chunk keys and
+# exponentials are several times the inputs' size, so the group bounds that working memory
+# whatever the sequence length; 1 MB of fp32 per input keeps a group's elementwise passes in
+# the caches (see backends/torch/wkv.py for the measurement).
+GROUP_ELEMENTS = 1 << 18
 
 
-def _chunk_groups(x):
-    """Slices of the chunk axis (1) of a chunked [G, N, L, K] tensor, a group at a time."""
-    n_chunks = x.shape[1]
-    per_chunk = max(1, math.prod(x.shape) // n_chunks)
-    size = max(1, GROUP_ELEMENTS // per_chunk)
-    return [slice(start, min(start + size, n_chunks)) for start in range(0, n_chunks, size)]
+def _rows(x):
+    """[..., L, K] -> [M, L, K] (None stays None): chunks are independent given their start states."""
+    return None if x is None else x.reshape([-1, *x.shape[-2:]])
+
+
+def _row_groups(x):
+    """Slices of the rows of a [M, L, K] tensor of chunks, a group of about GROUP_ELEMENTS at a time."""
+    rows = x.shape[0]
+    size = max(1, GROUP_ELEMENTS // max(1, math.prod(x.shape[1:])))
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _cut(x, groups):
-    """[G, N, L, *] -> one [G, n, L, *] part per group of ``_chunk_groups``: slices (views) where
-    no gradient is recorded, since ``split`` copies; ``split`` where one is, since the backward
-    of slicing is ~10x slower."""
+    """[M, *] -> one part per group of ``_row_groups`` (None stays None): slices (views) where no
+    gradient is recorded, since ``split`` copies; ``split`` where one is, since the backward of
+    slicing is ~10x slower."""
+    if x is None:
+        return [None] * len(groups)
     if x.stop_gradient or not paddle.is_grad_enabled():
-        return [x[:, part] for part in groups]
-    return paddle.split(x, [part.stop - part.start for part in groups], axis=1)
+        return [x[part] for part in groups]
+    return paddle.split(x, [part.stop - part.start for part in groups], axis=0)
 
 
 def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
     """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
-    groups = _chunk_groups(r)
+    rows = [_rows(x) for x in (r, k, v, w, states)]
+    groups = _row_groups(rows[0])
     if len(groups) == 1:
         return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
-    parts = [_cut(x, groups) for x in (r, k, v, w, states)]
-    return paddle.concat([_chunk_outputs(*part, sub_chunk_size) for part in zip(*parts)], axis=1)
+    parts = [_cut(x, groups) for x in rows]
+    return paddle.concat([_chunk_outputs(*part, sub_chunk_size) for part in zip(*parts)]).reshape(v.shape)
 
 
 def _layout(length: int, heads: int, bidirectional: bool):
@@ -325,46 +333,108 @@ def _backward_grads(outputs, grad_outputs, leaves):
     return [x.grad for x in leaves]
 
 
+def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
+    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form: the
+    factorised forward's products run backwards, with no autograd graph and no recomputed scores
+    beyond one matmul. ``_autograd_chunk_grads`` is its reference (tests tie the two).
+
+    r, k, w [..., L, K], v and grad_out [..., L, V]; start_state and grad_next_state [..., K, V],
+    or both None for a lone chunk (zero start state, next state unused). With B the exclusive
+    cumulative sum of w from the chunk start and A the reverse one to its end, the forward is
+        q = r e^B,  p = k e^-(B + w),  scores = (q p^T) * earlier,  out = scores v + q S,
+        S_next = e^(sum w) S + (k e^A)^T v,
+    so every exponent a gradient meets is one the forward already bounded.
+    """
+    earlier = _earlier(r.shape[-2], r.dtype)
+    decay_before = _exclusive_cumsum(w, dim=-2)
+    query_decay, key_growth = paddle.exp(decay_before), paddle.exp(-(decay_before + w))
+    query, key = r * query_decay, k * key_growth
+    scores = paddle.matmul(query, key, transpose_y=True) * earlier
+    grad_scores = paddle.matmul(grad_out, v, transpose_y=True) * earlier
+    grad_v = paddle.matmul(scores, grad_out, transpose_x=True)
+    grad_query = paddle.matmul(grad_scores, key)
+    if start_state is not None:
+        grad_query = grad_query + paddle.matmul(grad_out, start_state, transpose_y=True)
+    grad_key = paddle.matmul(grad_scores, query, transpose_x=True)
+    grad_r, grad_k = grad_query * query_decay, grad_key * key_growth
+    # d/dw_j: q_t carries w_j for t > j; p_s carries -w_j for s >= j (exact sums, no differences)
+    key_term = grad_key * key
+    grad_w = _reverse_exclusive_cumsum(grad_query * query - key_term, dim=-2) - key_term
+    if grad_next_state is not None:
+        key_decay = paddle.exp(_reverse_exclusive_cumsum(w, dim=-2))
+        decayed_key = k * key_decay
+        grad_v = grad_v + paddle.matmul(decayed_key, grad_next_state)
+        grad_decayed_key = paddle.matmul(v, grad_next_state, transpose_y=True)
+        grad_k = grad_k + grad_decayed_key * key_decay
+        # (k e^A)_s carries w_j for s < j; e^(sum w) carries every w_j
+        grad_chunk_decay = (grad_next_state * start_state).sum(-1) * paddle.exp(w.sum(axis=-2))  # [..., K]
+        grad_w = grad_w + _exclusive_cumsum(grad_decayed_key * decayed_key, dim=-2) + grad_chunk_decay.unsqueeze(-2)
+    return [grad_r, grad_k, grad_v, grad_w]
+
+
+def _autograd_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int):
+    """The same gradients as ``_factorised_chunk_grads``, for any decay: autograd over the
+    recomputed chunks (``_chunk_outputs`` and, given grad_next_state, the state transition)."""
+    with paddle.enable_grad():
+        leaves = [_leaf(x) for x in (r, k, v, w)]
+        out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
+        if grad_next_state is None:
+            grads = _backward_grads([out], [grad_out], leaves)
+        else:
+            decay, kv = _chunk_transitions(*leaves[1:])
+            next_state = decay.unsqueeze(-1).expand(kv.shape) * start_state + kv
+            grads = _backward_grads([out, next_state], [grad_out, grad_next_state], leaves)
+    return [paddle.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int):
+    """Chunk-local gradients [M, L, *], in closed form where a chunk's decay is bounded and by
+    autograd over the recomputed chunk where it is not, chosen chunk by chunk as the forward does."""
+    bounded = _factorisable(w, _exclusive_cumsum(w, dim=-2))
+    if bool(bounded.all()):
+        return _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state)
+    if not bool(bounded.any()):
+        return _autograd_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size)
+    fast, slow = paddle.nonzero(bounded).squeeze(1), paddle.nonzero(~bounded).squeeze(1)
+    args = (r, k, v, w, start_state, grad_out, grad_next_state)
+    pick = lambda rows: [None if x is None else paddle.gather(x, rows) for x in args]  # noqa: E731
+    parts = zip(_factorised_chunk_grads(*pick(fast)), _autograd_chunk_grads(*pick(slow), sub_chunk_size))
+    # torch's two index_copy calls: both parts stacked, then gathered back into row order
+    order = paddle.argsort(paddle.concat([fast, slow]))
+    return [paddle.gather(paddle.concat([a, b]), order) for a, b in parts]
+
+
 def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
     """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked [G, N, L, K] inputs.
 
     The state's gradient runs backwards through the chunks in closed form,
     dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
-    chunks are independent, so each group's local gradients come from autograd over the
-    recomputed group: exactly the gradients autograd gives over the whole forward pass.
+    chunks are independent, and each group's local gradients come from ``_local_grads``:
+    exactly the gradients autograd gives over the whole forward pass.
     The inputs carry no graph; returns the [r, k, v, w] gradients, of their shapes.
     """
-    if states is None:  # one chunk: nothing flows between chunks
-        with paddle.enable_grad():
-            leaves = [_leaf(x) for x in (r, k, v, w)]
-            return _backward_grads([_chunk_outputs(*leaves, None, sub_chunk_size)], [grad_out], leaves)
-    read_grad = paddle.matmul(r * paddle.exp(_exclusive_cumsum(w, dim=-2)), grad_out, transpose_x=True)  # [G, N, K, V]
-    chunk_decay = paddle.exp(w.sum(axis=-2)).unsqueeze(-1)  # [G, N, K, 1]
-    reads, decays = paddle.unbind(read_grad, axis=1), paddle.unbind(chunk_decay, axis=1)
-    after = [None] * len(reads)  # after[c]: d loss / d (the state after chunk c)
-    following = paddle.zeros_like(reads[0])
-    for c in range(len(reads) - 1, -1, -1):
-        after[c] = following
-        following = reads[c] + decays[c] * following
-    after = paddle.stack(after, axis=1)
-    del read_grad, reads, following  # an input's size each, not needed by the recompute
-    groups = _chunk_groups(r)
-    grads = None
-    for part, (r_p, k_p, v_p, w_p, start_state, grad_p, after_p) in zip(
-            groups, zip(*(_cut(x, groups) for x in (r, k, v, w, states, grad_out, after)))):
-        with paddle.enable_grad():
-            leaves = [_leaf(x) for x in (r_p, k_p, v_p, w_p)]
-            out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
-            decay, kv = _chunk_transitions(*leaves[1:])
-            next_state = decay.unsqueeze(-1).expand(kv.shape) * start_state + kv
-            local = _backward_grads([out, next_state], [grad_p, after_p], leaves)
-        if len(groups) == 1:
-            return local
-        if grads is None:  # filled a group at a time, not concatenated: no second copy
-            grads = [paddle.empty_like(x) for x in (r, k, v, w)]
-        for full, g in zip(grads, local):
-            full[:, part] = g
-    return grads
+    after = None  # after[c]: d loss / d (the state after chunk c); None for one chunk
+    if states is not None:
+        read_grad = paddle.matmul(r * paddle.exp(_exclusive_cumsum(w, dim=-2)), grad_out, transpose_x=True)
+        chunk_decay = paddle.exp(w.sum(axis=-2)).unsqueeze(-1)  # [G, N, K, 1]
+        reads, decays = paddle.unbind(read_grad, axis=1), paddle.unbind(chunk_decay, axis=1)
+        after = [None] * len(reads)
+        following = paddle.zeros_like(reads[0])
+        for c in range(len(reads) - 1, -1, -1):
+            after[c] = following
+            following = reads[c] + decays[c] * following
+        after = paddle.stack(after, axis=1)
+        del read_grad, reads, following  # an input's size each, not needed by the recompute
+    rows = [_rows(x) for x in (r, k, v, w, states, grad_out, after)]
+    groups = _row_groups(rows[0])
+    if len(groups) == 1:
+        local = _local_grads(*rows, sub_chunk_size)
+    else:  # filled a group at a time, not concatenated: no second copy
+        local = [paddle.empty_like(x) for x in rows[:4]]
+        for part, args in zip(groups, zip(*(_cut(x, groups) for x in rows))):
+            for full, g in zip(local, _local_grads(*args, sub_chunk_size)):
+                full[part] = g
+    return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
 
 
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):

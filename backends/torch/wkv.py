@@ -184,27 +184,37 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
 
 
 # Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
-# elements: the scores, sub-chunk keys and pairwise exponentials of the strongly decaying
-# chunks are several times the inputs' size, so the group bounds that working memory whatever
-# the sequence length, and keeps each group's products large enough to run at full speed.
-GROUP_ELEMENTS = 1 << 22
+# elements, cut across batch, heads and chunks alike: the scores, sub-chunk keys and
+# exponentials are several times the inputs' size, so the group bounds that working memory
+# whatever the sequence length. A group is 1 MB of fp32 per input, so the dozens of
+# elementwise passes of its backward run from the caches: with 16 MB groups (1 << 22) WKV6's
+# forward+backward (6 heads of 64, bidirectional, 2-core EPYC) took about twice as long: 256 against
+# 132 ms at 256 tokens and batch 16, 249 against 109 ms at 4096 tokens.
+GROUP_ELEMENTS = 1 << 18
 
 
-def _chunk_groups(x):
-    """Slices of the chunk axis (-3) of a chunked [..., N, L, K] tensor, a group at a time."""
-    n_chunks = x.shape[-3]
-    per_chunk = max(1, x.numel() // n_chunks)
-    size = max(1, GROUP_ELEMENTS // per_chunk)
-    return [slice(start, start + size) for start in range(0, n_chunks, size)]
+def _row_groups(x):
+    """Slices of the rows of a [M, L, K] tensor of chunks, a group of about GROUP_ELEMENTS at a time."""
+    size = max(1, GROUP_ELEMENTS // max(1, x[0].numel()))
+    return [slice(start, start + size) for start in range(0, x.shape[0], size)]
+
+
+def _rows(x):
+    """[..., L, K] -> [M, L, K] (None stays None): chunks are independent given their start
+    states, so groups are cut across batch, heads and chunks alike."""
+    return None if x is None else x.reshape(-1, *x.shape[-2:])
 
 
 def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
     """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
-    groups = _chunk_groups(r)
+    rows = [_rows(x) for x in (r, k, v, w, states)]
+    groups = _row_groups(rows[0])
     if len(groups) == 1:
         return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
-    return torch.cat([_chunk_outputs(*(x[..., part, :, :] for x in (r, k, v, w, states)), sub_chunk_size)
-                      for part in groups], dim=-3)
+    out = r.new_empty(*rows[2].shape)
+    for part in groups:
+        out[part] = _chunk_outputs(*(None if x is None else x[part] for x in rows), sub_chunk_size)
+    return out.reshape(v.shape)
 
 
 def _to_chunks(x, bidirectional: bool, chunk_size: int):
@@ -244,39 +254,108 @@ def _bonus(r, k, v, u):
     return (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
 
 
+def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
+    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form: the
+    factorised forward's products run backwards, with no autograd graph and no recomputed scores
+    beyond one matmul. ``_autograd_chunk_grads`` is its reference (tests tie the two).
+
+    r, k, w [..., L, K], v and grad_out [..., L, V]; start_state and grad_next_state [..., K, V],
+    or both None for a lone chunk (zero start state, next state unused). With B the exclusive
+    cumulative sum of w from the chunk start and A the reverse one to its end, the forward is
+        q = r e^B,  p = k e^-(B + w),  scores = (q p^T) * earlier,  out = scores v + q S,
+        S_next = e^(sum w) S + (k e^A)^T v,
+    so every exponent a gradient meets is one the forward already bounded.
+    """
+    size = r.shape[-2]
+    earlier = torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
+    decay_before = _exclusive_cumsum(w, dim=-2)
+    query_decay, key_growth = torch.exp(decay_before), torch.exp(-(decay_before + w))
+    query, key = r * query_decay, k * key_growth
+    scores = (query @ key.transpose(-1, -2)) * earlier
+    grad_scores = (grad_out @ v.transpose(-1, -2)) * earlier
+    grad_v = scores.transpose(-1, -2) @ grad_out
+    grad_query = grad_scores @ key
+    if start_state is not None:
+        grad_query = grad_query + grad_out @ start_state.transpose(-1, -2)
+    grad_key = grad_scores.transpose(-1, -2) @ query
+    grad_r, grad_k = grad_query * query_decay, grad_key * key_growth
+    # d/dw_j: q_t carries w_j for t > j; p_s carries -w_j for s >= j (exact sums, no differences)
+    key_term = grad_key * key
+    grad_w = _reverse_exclusive_cumsum(grad_query * query - key_term, dim=-2) - key_term
+    if grad_next_state is not None:
+        key_decay = torch.exp(_reverse_exclusive_cumsum(w, dim=-2))
+        decayed_key = k * key_decay
+        grad_v = grad_v + decayed_key @ grad_next_state
+        grad_decayed_key = v @ grad_next_state.transpose(-1, -2)
+        grad_k = grad_k + grad_decayed_key * key_decay
+        # (k e^A)_s carries w_j for s < j; e^(sum w) carries every w_j
+        grad_chunk_decay = (grad_next_state * start_state).sum(-1) * torch.exp(w.sum(dim=-2))  # [..., K]
+        grad_w = grad_w + _exclusive_cumsum(grad_decayed_key * decayed_key, dim=-2) + grad_chunk_decay.unsqueeze(-2)
+    return grad_r, grad_k, grad_v, grad_w
+
+
+def _autograd_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int):
+    """The same gradients as ``_factorised_chunk_grads``, for any decay: autograd over the
+    recomputed chunks (``_chunk_outputs`` and, given grad_next_state, the state transition)."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (r, k, v, w)]
+        out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
+        if grad_next_state is None:
+            return torch.autograd.grad(out, leaves, grad_out)
+        decay, kv = _chunk_transitions(*leaves[1:])
+        next_state = decay.unsqueeze(-1) * start_state + kv
+        return torch.autograd.grad((out, next_state), leaves, (grad_out, grad_next_state))
+
+
+def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size: int):
+    """Chunk-local gradients [..., N, L, *], in closed form where a chunk's decay is bounded and by
+    autograd over the recomputed chunk where it is not, chosen chunk by chunk as the forward does."""
+    bounded = _factorisable(w, _exclusive_cumsum(w, dim=-2))
+    if bool(bounded.all()):
+        return _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state)
+    if not bool(bounded.any()):
+        return _autograd_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_size)
+    flat = [None if x is None else x.reshape(-1, *x.shape[-2:])
+            for x in (r, k, v, w, start_state, grad_out, grad_next_state)]
+    fast, slow = bounded.reshape(-1).nonzero().squeeze(1), (~bounded).reshape(-1).nonzero().squeeze(1)
+    grads = [torch.empty_like(x) for x in flat[:4]]
+    for rows, local in ((fast, _factorised_chunk_grads), (slow, _autograd_chunk_grads)):
+        picked = [None if x is None else x.index_select(0, rows) for x in flat]
+        extra = () if local is _factorised_chunk_grads else (sub_chunk_size,)
+        for full, g in zip(grads, local(*picked, *extra)):
+            full.index_copy_(0, rows, g)
+    return [g.reshape(x.shape) for g, x in zip(grads, (r, k, v, w))]
+
+
 def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
     """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked inputs.
 
     The state's gradient runs backwards through the chunks in closed form,
     dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
-    chunks are independent, so each group's local gradients come from autograd over the
-    recomputed group: exactly the gradients autograd gives over the whole forward pass.
+    chunks are independent, and each group's local gradients come from ``_local_grads``:
+    exactly the gradients autograd gives over the whole forward pass.
     """
-    if states is None:  # one chunk: nothing flows between chunks
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (r, k, v, w)]
-            return torch.autograd.grad(_chunk_outputs(*leaves, None, sub_chunk_size), leaves, grad_out)
-    n_chunks = r.shape[-3]
-    read_grad = (r * torch.exp(_exclusive_cumsum(w, dim=-2))).transpose(-1, -2) @ grad_out  # [..., N, K, V]
-    chunk_decay = torch.exp(w.sum(dim=-2)).unsqueeze(-1)
-    after = [None] * n_chunks  # after[c]: d loss / d (the state after chunk c)
-    following = torch.zeros_like(read_grad[..., 0, :, :])
-    for c in range(n_chunks - 1, -1, -1):
-        after[c] = following
-        following = read_grad[..., c, :, :] + chunk_decay[..., c, :, :] * following
-    after = torch.stack(after, dim=-3)
-    grads = [torch.empty_like(x) for x in (r, k, v, w)]
-    for part in _chunk_groups(r):
-        with torch.enable_grad():
-            leaves = [x[..., part, :, :].detach().requires_grad_() for x in (r, k, v, w)]
-            start_state = states[..., part, :, :]
-            out = _chunk_outputs(*leaves, start_state, sub_chunk_size)
-            decay, kv = _chunk_transitions(*leaves[1:])
-            next_state = decay.unsqueeze(-1) * start_state + kv
-            local = torch.autograd.grad((out, next_state), leaves, (grad_out[..., part, :, :], after[..., part, :, :]))
-        for full, g in zip(grads, local):
-            full[..., part, :, :] = g
-    return grads
+    after = None  # after[c]: d loss / d (the state after chunk c); None for one chunk
+    if states is not None:
+        n_chunks = r.shape[-3]
+        read_grad = (r * torch.exp(_exclusive_cumsum(w, dim=-2))).transpose(-1, -2) @ grad_out  # [..., N, K, V]
+        chunk_decay = torch.exp(w.sum(dim=-2)).unsqueeze(-1)
+        after = [None] * n_chunks
+        following = torch.zeros_like(read_grad[..., 0, :, :])
+        for c in range(n_chunks - 1, -1, -1):
+            after[c] = following
+            following = read_grad[..., c, :, :] + chunk_decay[..., c, :, :] * following
+        after = torch.stack(after, dim=-3)
+    rows = [_rows(x) for x in (r, k, v, w, states, grad_out, after)]
+    groups = _row_groups(rows[0])
+    if len(groups) == 1:
+        local = _local_grads(*rows, sub_chunk_size)
+    else:
+        local = [torch.empty_like(x) for x in rows[:4]]
+        for part in groups:
+            for full, g in zip(local, _local_grads(*(None if x is None else x[part] for x in rows), sub_chunk_size)):
+                full[part] = g
+    return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
 
 
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
