@@ -202,11 +202,12 @@ def test_graph_mode_split_is_exact_for_extreme_decays():
 def test_graph_mode_path_splits_down_to_four_token_blocks(monkeypatch):
     """"safe" never factorises and scores pair by pair only 4-token blocks (a 64-token chunk
     16 -> 4, a 16-token one - the demo's 4x4 grid - 16 -> 4), the cheap exact form Graph mode
-    compiles; "auto" with mild decays factorises whole chunks and never goes pairwise."""
+    compiles; "auto" with mild decays factorises whole chunks (``_chunk_parts``' own product: the
+    split scorer is never called) and never goes pairwise."""
     from backends.mindspore import wkv
 
     calls = []
-    for name in ("_factorised_scores", "_pairwise_scores"):
+    for name in ("_within_chunk_scores", "_pairwise_scores"):
         original = getattr(wkv, name)
         monkeypatch.setattr(wkv, name, lambda r, *a, _name=name, _f=original: calls.append((_name, r.shape[-2]))
                             or _f(r, *a))
@@ -214,10 +215,12 @@ def test_graph_mode_path_splits_down_to_four_token_blocks(monkeypatch):
         inputs = [Tensor(x) for x in make_inputs(length, np.float32, "init", batch=1)]
         calls.clear()
         wkv6(*inputs, bidirectional=True, branch="safe")
-        assert set(calls) == {("_pairwise_scores", 4)}, (length, calls)
+        assert ("_pairwise_scores", 4) in calls and {name for name, _ in calls} == {
+            "_within_chunk_scores", "_pairwise_scores"}, (length, calls)
+        assert {size for name, size in calls if name == "_pairwise_scores"} == {4}, (length, calls)
         calls.clear()
         wkv6(*inputs, bidirectional=True, branch="auto")
-        assert set(calls) == {("_factorised_scores", length)}, (length, calls)
+        assert calls == [], (length, calls)
 
 
 # ---- the hand-written backward ("auto": the _WKV6 Cell's bprop) -----------------------------

@@ -63,6 +63,42 @@ EMA_PREFIX, OPTIMIZER_PREFIX = "ema.", "optimizer."
 JSON_ENTRIES = ("spec", "recipe", "config", "rng")
 
 
+# Per-parameter updates go through ``ops.HyperMap`` over tuples of parameters: Graph mode unrolls a
+# Python loop over them into nested calls, and past ~300 parameters (DiR-S/2 at depth 12) that
+# exceeds its call depth limit of 1000 ("Exceed function call depth limit"); a HyperMap is one node.
+_decay_weights = ops.MultitypeFuncGraph("decay_weights")
+_adam_update = ops.MultitypeFuncGraph("adam_update")
+_ema_update = ops.MultitypeFuncGraph("ema_update")
+_scale = ops.MultitypeFuncGraph("scale")
+_square_norm = ops.MultitypeFuncGraph("square_norm")
+
+
+@_decay_weights.register("Tensor", "Number", "Tensor")
+def _decay_one(lr, weight_decay, param):
+    return ops.assign(param, param * (1.0 - lr * weight_decay))
+
+
+@_adam_update.register("Function", "Tensor", "Tensor", "Tensor", "Number", "Number", "Tensor",
+                       "Tensor", "Tensor", "Tensor", "Tensor")
+def _adam_one(adam, beta1_power, beta2_power, lr, beta1, beta2, eps, param, exp_avg, exp_avg_sq, grad):
+    return adam(param, exp_avg, exp_avg_sq, beta1_power, beta2_power, lr, beta1, beta2, eps, grad)
+
+
+@_ema_update.register("Tensor", "Tensor", "Tensor")
+def _ema_one(decay, ema_param, param):
+    return ops.assign(ema_param, ema_param * decay + param * (1.0 - decay))
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_one(coef, grad):
+    return grad * coef
+
+
+@_square_norm.register("Tensor")
+def _square_norm_one(grad):
+    return (grad * grad).sum()
+
+
 class AdamW(nn.Cell):
     """PyTorch's ``torch.optim.AdamW`` with one fused ``ops.Adam`` kernel per parameter.
 
@@ -81,13 +117,17 @@ class AdamW(nn.Cell):
     def __init__(self, groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(auto_prefix=False)
         self.parameters = ms.ParameterTuple([p for group in groups for p in group["params"]])
-        self.weight_decays = tuple(float(group["weight_decay"]) for group in groups for _ in group["params"])
+        decayed = [(p, float(group["weight_decay"])) for group in groups for p in group["params"]
+                   if group["weight_decay"] > 0]
+        self.decayed_parameters = ms.ParameterTuple([p for p, _ in decayed])
+        self.decayed_rates = tuple(rate for _, rate in decayed)
         self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
         self.exp_avg_sq = self.parameters.clone(prefix="exp_avg_sq", init="zeros")
         self.state_step = Parameter(Tensor([0], ms.float32), name="state_step", requires_grad=False)
         self.lr = Parameter(Tensor(lr, ms.float32), name="learning_rate", requires_grad=False)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.adam = ops.Adam()
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, gradients):
         ops.assign_add(self.state_step, ops.ones_like(self.state_step))
@@ -95,13 +135,11 @@ class AdamW(nn.Cell):
         beta1_power = ops.pow(Tensor(self.beta1, ms.float32), step)
         beta2_power = ops.pow(Tensor(self.beta2, ms.float32), step)
         eps = self.eps * ops.sqrt(1.0 - beta2_power)
-        for i in range(len(self.parameters)):
-            param = self.parameters[i]
-            if self.weight_decays[i] > 0:  # a constant: Graph mode unrolls this per parameter
-                ops.assign(param, param * (1.0 - self.lr * self.weight_decays[i]))
-            self.adam(param, self.exp_avg[i], self.exp_avg_sq[i], beta1_power, beta2_power, self.lr,
-                      self.beta1, self.beta2, eps, gradients[i])
-        return True
+        decayed = self.hyper_map(ops.partial(_decay_weights, self.lr), self.decayed_rates, self.decayed_parameters)
+        gradients = ops.depend(gradients, decayed)  # decay first, as PyTorch's AdamW
+        return self.hyper_map(ops.partial(_adam_update, self.adam, beta1_power, beta2_power, self.lr,
+                                          self.beta1, self.beta2, eps),
+                              self.parameters, self.exp_avg, self.exp_avg_sq, gradients)
 
 
 def build_optimizer(model: DiR, config: dict) -> AdamW:
@@ -138,11 +176,11 @@ class EMAUpdate(nn.Cell):
         own = model.named_parameters()
         self.ema_params = ms.ParameterTuple([p for _, p in ema.parameters_and_names()])
         self.model_params = ms.ParameterTuple([own[name] for name, _ in ema.parameters_and_names()])
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, decay):
-        for ema_param, param in zip(self.ema_params, self.model_params):
-            ops.assign(ema_param, ema_param * decay + param * (1.0 - decay))
-        return decay
+        done = self.hyper_map(ops.partial(_ema_update, decay), self.ema_params, self.model_params)
+        return ops.depend(decay, done)
 
 
 def update_ema(ema_update: EMAUpdate, decay: float) -> None:
@@ -179,12 +217,13 @@ class ReduceGradients(nn.Cell):
         super().__init__(auto_prefix=False)
         self.world_size = world_size
         self.reduce = ops.AllReduce() if world_size > 1 else None
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, grads):
         if self.world_size > 1:
-            grads = tuple(self.reduce(g) / self.world_size for g in grads)
-        norms = ops.stack([ops.sqrt((g * g).sum()) for g in grads])
-        return grads, ops.sqrt((norms * norms).sum())
+            grads = self.hyper_map(ops.partial(_scale, Tensor(1.0 / self.world_size, ms.float32)),
+                                   self.hyper_map(self.reduce, grads))
+        return grads, ops.sqrt(ops.stack(self.hyper_map(_square_norm, grads)).sum())
 
 
 class ApplyGradients(nn.Cell):
@@ -195,14 +234,14 @@ class ApplyGradients(nn.Cell):
         self.optimizer = optimizer
         self.clip = grad_clip > 0
         self.max_norm = grad_clip
+        self.hyper_map = ops.HyperMap()
 
     @ms.jit  # also under PyNative: one compiled update instead of a few hundred eager ops
     def construct(self, grads, total_norm):
         if self.clip:  # scale by min(1, max_norm / (norm + 1e-6))
             coef = ops.clamp(self.max_norm / (total_norm + 1e-6), max=1.0)
-            grads = tuple(g * coef for g in grads)
-        self.optimizer(grads)
-        return total_norm
+            grads = self.hyper_map(ops.partial(_scale, coef), grads)
+        return ops.depend(total_norm, self.optimizer(grads))
 
 
 def train_step(forward_backward: ForwardBackward, reduce_gradients: ReduceGradients, micro_batches):

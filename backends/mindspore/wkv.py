@@ -372,19 +372,6 @@ def _row_groups(x, branch: str = "auto"):
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int, branch: str):
-    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory).
-    The groups are cut with ``split`` (plain autodiff may run through here: the backward of
-    slicing is a slow strided-slice gradient, that of ``split`` a concat)."""
-    rows = [_rows(x) for x in (r, k, v, w, states)]
-    groups = _row_groups(rows[0], branch)
-    if len(groups) == 1:
-        return _chunk_outputs(r, k, v, w, states, sub_chunk_size, branch)
-    sizes = tuple(stop - start for start, stop in groups)
-    parts = [[None] * len(groups) if x is None else ops.split(x, sizes, 0) for x in rows]
-    return ops.concat([_chunk_outputs(*part, sub_chunk_size, branch) for part in zip(*parts)], 0).reshape(v.shape)
-
-
 class _RowGather(nn.Cell):
     """y = x[:, index] for x [B, R, K], with a backward that is a gather too (MindSpore's default
     gather backward is a slow scatter): x's rows each appear once per direction in y, at
@@ -475,14 +462,61 @@ def _bonus(r, k, v, u):
     return _expand(weight, v.shape) * v
 
 
+def _chunk_parts(r, k, v, w, sub_chunk_size: int, branch: str):
+    """What a chunk contributes on its own, for chunk rows [M, 1, L, K]: the within-chunk output
+    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
+    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded ("auto" only), the
+    transition's decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the
+    reverse sum A is never formed; otherwise each part takes its exact path."""
+    m, _, size, dk = r.shape
+    flat = lambda x: x.reshape(m, size, x.shape[-1])  # noqa: E731
+    decay_before = _exclusive_cumsum(flat(w), dim=-2)
+    query = flat(r) * ops.exp(decay_before)
+    chunk_decay = ops.exp(_sum_axis(flat(w), -2))  # [M, K]
+    if branch == "auto":
+        if bool(_factorisable(flat(w), decay_before).all()):
+            key = flat(k) * ops.exp(-(decay_before + flat(w)))
+            scores = _bmm_nt(query, key) * _tile_to(_earlier_mask(size, r.dtype).expand_dims(0), (m, size, size))
+            chunk_kv = _bmm_tn(key * _expand(chunk_decay.expand_dims(1), key.shape), flat(v))
+            return _bmm(scores, flat(v)), query, chunk_decay, chunk_kv
+    scores = _within_chunk_scores(flat(r), flat(k), flat(w), decay_before, sub_chunk_size, branch)
+    chunk_kv = _chunk_transitions(k, v, w)[1].reshape(m, dk, v.shape[-1])
+    return _bmm(scores, flat(v)), query, chunk_decay, chunk_kv
+
+
+def _chunked_scan(r, k, v, w, sub_chunk_size: int, branch: str):
+    """The chunked scan [G, N, L, *] -> (outputs [G, N, L, V], chunk-start states [G, N, K, V] or
+    None for one chunk): each group of chunk rows scored on its own, the states passed between
+    chunks, then each chunk's start state read out. The groups are cut with ``split`` (autodiff
+    runs through here in Graph mode: the backward of slicing is a slow strided-slice gradient,
+    that of ``split`` a concat)."""
+    batch, n_chunks, size, dk = r.shape
+    dv = v.shape[-1]
+    rows = [_rows(x) for x in (r, k, v, w)]
+    groups = _row_groups(rows[0], branch)
+    sizes = tuple(stop - start for start, stop in groups)
+    cuts = [ops.split(x, sizes, 0) if len(groups) > 1 else (x,) for x in rows]
+    parts = [_chunk_parts(*args, sub_chunk_size, branch) for args in zip(*cuts)]
+    within = [p[0] for p in parts]
+    if n_chunks == 1:
+        return (ops.concat(within, 0) if len(parts) > 1 else within[0]).reshape(batch, 1, size, dv), None
+    decays, kvs = [p[2] for p in parts], [p[3] for p in parts]
+    chunk_decay = ops.concat(decays, 0) if len(parts) > 1 else decays[0]
+    chunk_kv = ops.concat(kvs, 0) if len(parts) > 1 else kvs[0]
+    states = _chunk_states(chunk_decay.reshape(batch, n_chunks, dk), chunk_kv.reshape(batch, n_chunks, dk, dv))
+    state_rows = states.reshape(-1, dk, dv)
+    state_cuts = ops.split(state_rows, sizes, 0) if len(groups) > 1 else (state_rows,)
+    # each group's start-state read-out while its within-chunk part is still at hand
+    out = [p[0] + _bmm(p[1], state) for p, state in zip(parts, state_cuts)]
+    return (ops.concat(out, 0) if len(out) > 1 else out[0]).reshape(batch, n_chunks, size, dv), states
+
+
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch):
     """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states [G, N, K, V] or None)."""
     length, heads = r.shape[1], r.shape[2]
     r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
-    n_chunks = chunks[0].shape[1]
-    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
-    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size, branch), layout, length, heads)
-    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
+    scan, states = _chunked_scan(*chunks, sub_chunk_size, branch)
+    return (_from_chunks(scan, layout, length, heads) + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
 
 
 def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):

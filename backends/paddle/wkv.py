@@ -245,16 +245,6 @@ def _cut(x, groups):
     return paddle.split(x, [part.stop - part.start for part in groups], axis=0)
 
 
-def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
-    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
-    rows = [_rows(x) for x in (r, k, v, w, states)]
-    groups = _row_groups(rows[0])
-    if len(groups) == 1:
-        return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
-    parts = [_cut(x, groups) for x in rows]
-    return paddle.concat([_chunk_outputs(*part, sub_chunk_size) for part in zip(*parts)]).reshape(v.shape)
-
-
 def _layout(length: int, heads: int, bidirectional: bool):
     """The scan's row order. Rows of a [B, T*H, K] input are t*H + h; the scan reads them as
     (direction, h, t), the backward direction with t reversed. Returns (index, inverse):
@@ -437,14 +427,50 @@ def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
     return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
 
 
+def _chunk_parts(r, k, v, w, sub_chunk_size: int):
+    """What a chunk contributes on its own, for chunk rows [M, L, K]: the within-chunk output
+    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
+    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded, the transition's
+    decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the reverse
+    sum A is never formed; otherwise each part takes its exact path."""
+    decay_before = _exclusive_cumsum(w, dim=-2)
+    query = r * paddle.exp(decay_before)
+    chunk_decay = paddle.exp(w.sum(axis=-2))  # [M, K]
+    if bool(_factorisable(w, decay_before).all()):
+        key = k * paddle.exp(-(decay_before + w))
+        scores = paddle.matmul(query, key, transpose_y=True)
+        scores = scores * _earlier(r.shape[-2], r.dtype).expand(scores.shape)
+        chunk_kv = paddle.matmul(key * chunk_decay.unsqueeze(-2).expand(key.shape), v, transpose_x=True)
+    else:
+        scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)
+        chunk_kv = _chunk_transitions(k, v, w)[1]
+    return paddle.matmul(scores, v), query, chunk_decay, chunk_kv
+
+
+def _chunked_scan(r, k, v, w, sub_chunk_size: int):
+    """The chunked scan [G, N, L, *] -> (outputs [G, N, L, V], chunk-start states [G, N, K, V] or
+    None for one chunk): each group of chunk rows scored on its own, the states passed between
+    chunks, then each chunk's start state read out."""
+    rows = [_rows(x) for x in (r, k, v, w)]
+    groups = _row_groups(rows[0])
+    parts = [_chunk_parts(*args, sub_chunk_size) for args in zip(*(_cut(x, groups) for x in rows))]
+    join = lambda i: paddle.concat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]  # noqa: E731
+    if r.shape[1] == 1:
+        return join(0).reshape(v.shape), None
+    lead = r.shape[:2]  # [G, N]
+    states = _chunk_states(join(2).reshape([*lead, -1]), join(3).reshape([*lead, *parts[0][3].shape[-2:]]))
+    # each group's start-state read-out while its within-chunk part is still at hand
+    out = [within + paddle.matmul(query, state)
+           for (within, query, _, _), state in zip(parts, _cut(_rows(states), groups))]
+    return (paddle.concat(out) if len(out) > 1 else out[0]).reshape(v.shape), states
+
+
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
     """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states [G, N, K, V] or None)."""
     length, heads = r.shape[1], r.shape[2]
     r_c, k_c, v_c, u_c, chunks, layout = _prepare(r, k, v, w, u, bidirectional, chunk_size)
-    n_chunks = chunks[0].shape[1]
-    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
-    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size), layout, length, heads)
-    return (scan + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
+    scan, states = _chunked_scan(*chunks, sub_chunk_size)
+    return (_from_chunks(scan, layout, length, heads) + _bonus(r_c, k_c, v_c, u_c)).astype(r.dtype), states
 
 
 class _WKV6(paddle.autograd.PyLayer):

@@ -205,18 +205,6 @@ def _rows(x):
     return None if x is None else x.reshape(-1, *x.shape[-2:])
 
 
-def _grouped_outputs(r, k, v, w, states, sub_chunk_size: int):
-    """``_chunk_outputs`` a group of chunks at a time (the same values, bounded working memory)."""
-    rows = [_rows(x) for x in (r, k, v, w, states)]
-    groups = _row_groups(rows[0])
-    if len(groups) == 1:
-        return _chunk_outputs(r, k, v, w, states, sub_chunk_size)
-    out = r.new_empty(*rows[2].shape)
-    for part in groups:
-        out[part] = _chunk_outputs(*(None if x is None else x[part] for x in rows), sub_chunk_size)
-    return out.reshape(v.shape)
-
-
 def _to_chunks(x, bidirectional: bool, chunk_size: int):
     """[B, H, T, K] -> [B', H, N, L, K]: the reversed sequence appended on the batch axis when
     bidirectional (both directions in one batched scan), zero-padded to whole chunks (trailing
@@ -358,14 +346,50 @@ def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
     return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
 
 
+def _chunk_parts(r, k, v, w, sub_chunk_size: int):
+    """What a chunk contributes on its own, for chunk rows [M, L, K]: the within-chunk output
+    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
+    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded, the transition's
+    decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the reverse
+    sum A is never formed; otherwise each part takes its exact path."""
+    decay_before = _exclusive_cumsum(w, dim=-2)
+    query = r * torch.exp(decay_before)
+    chunk_decay = torch.exp(w.sum(dim=-2))  # [M, K]
+    if bool(_factorisable(w, decay_before).all()):
+        key = k * torch.exp(-(decay_before + w))
+        size = r.shape[-2]
+        scores = (query @ key.transpose(-1, -2)) * torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
+        chunk_kv = (key * chunk_decay.unsqueeze(-2)).transpose(-1, -2) @ v
+    else:
+        scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)
+        chunk_kv = _chunk_transitions(k, v, w)[1]
+    return scores @ v, query, chunk_decay, chunk_kv
+
+
+def _chunked_scan(r, k, v, w, sub_chunk_size: int):
+    """The chunked scan [..., N, L, *] -> (outputs [..., N, L, V], chunk-start states [..., N, K, V]
+    or None for one chunk): each group of chunk rows scored on its own, the states passed between
+    chunks, then each chunk's start state read out."""
+    rows = [_rows(x) for x in (r, k, v, w)]
+    groups = _row_groups(rows[0])
+    parts = [_chunk_parts(*(x[part] for x in rows), sub_chunk_size) for part in groups]
+    join = lambda i: torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]  # noqa: E731
+    if r.shape[-3] == 1:
+        return join(0).reshape(v.shape), None
+    lead = r.shape[:-2]  # [..., N]
+    states = _chunk_states(join(2).reshape(*lead, -1), join(3).reshape(*lead, *parts[0][3].shape[-2:]))
+    state_rows = _rows(states)
+    # each group's start-state read-out while its within-chunk part is still at hand
+    out = [torch.baddbmm(within, query, state_rows[part]) for part, (within, query, _, _) in zip(groups, parts)]
+    return (torch.cat(out) if len(out) > 1 else out[0]).reshape(v.shape), states
+
+
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
     """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states or None)."""
     length = r.shape[1]
     r_t, k_t, v_t, u_c, chunks = _prepare(r, k, v, w, u, bidirectional, chunk_size)
-    n_chunks = chunks[0].shape[2]
-    states = _chunk_states(*_chunk_transitions(*chunks[1:])) if n_chunks > 1 else None
-    scan = _from_chunks(_grouped_outputs(*chunks, states, sub_chunk_size), bidirectional, length)
-    return (scan + _bonus(r_t, k_t, v_t, u_c)).transpose(1, 2).to(r.dtype), states
+    scan, states = _chunked_scan(*chunks, sub_chunk_size)
+    return (_from_chunks(scan, bidirectional, length) + _bonus(r_t, k_t, v_t, u_c)).transpose(1, 2).to(r.dtype), states
 
 
 class _WKV6(torch.autograd.Function):
