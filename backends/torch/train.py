@@ -163,6 +163,7 @@ class TrainAdapter(TrainBackend):
             yield
         except RuntimeError as err:
             if self.world_size > 1 and is_collective_failure(err):
+                _BROKEN_PROCESS_GROUP.append(self.rank)
                 raise process_group_failure(self.rank, self.config["run_dir"], EXTENSION, err) from None
             raise
 
@@ -234,12 +235,25 @@ def train(config: dict, source_name: str = "config") -> dict:
     return {**result, "model": unwrap(backend.model), "ema": backend.ema}
 
 
+# Set when a collective failed: a gloo process group whose peer died cannot be shut down, and its
+# threads can abort the interpreter's normal exit (std::terminate, "terminate called without an
+# active exception", exit code -6 instead of 2), so ``main`` then leaves without C++ destructors.
+_BROKEN_PROCESS_GROUP: list[int] = []
+
+
 def main(argv=None) -> None:
     def run():
         config, config_path = parse_cli(sys.argv[1:] if argv is None else argv, TRAIN_SCHEMA, "python -m backends.torch.train")
         train(config, config_path or "command line")
 
-    run_cli(run)
+    try:
+        run_cli(run)
+    except SystemExit as stop:
+        if _BROKEN_PROCESS_GROUP:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":
