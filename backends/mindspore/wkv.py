@@ -463,11 +463,8 @@ def _bonus(r, k, v, u):
 
 
 def _chunk_parts(r, k, v, w, sub_chunk_size: int, branch: str):
-    """What a chunk contributes on its own, for chunk rows [M, 1, L, K]: the within-chunk output
-    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
-    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded ("auto" only), the
-    transition's decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the
-    reverse sum A is never formed; otherwise each part takes its exact path."""
+    """A chunk's own contribution: within-chunk output, start-state query, transition (as
+    ``backends/torch/wkv.py: _chunk_parts``, where the bounded chunks' shortcut is explained)."""
     m, _, size, dk = r.shape
     flat = lambda x: x.reshape(m, size, x.shape[-1])  # noqa: E731
     decay_before = _exclusive_cumsum(flat(w), dim=-2)
@@ -520,17 +517,9 @@ def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size, branch):
 
 
 def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
-    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form: the
-    factorised forward's products run backwards, with no autodiff and no recomputed scores
-    beyond one matmul. ``_autograd_chunk_grads`` is its reference (tests tie the two).
-
-    r, k, w [..., L, K], v and grad_out [..., L, V]; start_state and grad_next_state [..., K, V],
-    or both None for a lone chunk (zero start state, next state unused). With B the exclusive
-    cumulative sum of w from the chunk start and A the reverse one to its end, the forward is
-        q = r e^B,  p = k e^-(B + w),  scores = (q p^T) * earlier,  out = scores v + q S,
-        S_next = e^(sum w) S + (k e^A)^T v,
-    so every exponent a gradient meets is one the forward already bounded.
-    """
+    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form, no
+    autodiff: ``backends/torch/wkv.py: _factorised_chunk_grads`` (its docstring gives the forward it
+    inverts). ``_autograd_chunk_grads`` is its reference (tests tie the two)."""
     shapes = [x.shape for x in (r, k, v, w)]
     flat = lambda x: None if x is None else x.reshape(-1, *x.shape[-2:])  # noqa: E731
     r, k, v, w, start_state, grad_out, grad_next_state = (

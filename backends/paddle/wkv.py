@@ -324,17 +324,9 @@ def _backward_grads(outputs, grad_outputs, leaves):
 
 
 def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
-    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form: the
-    factorised forward's products run backwards, with no autograd graph and no recomputed scores
-    beyond one matmul. ``_autograd_chunk_grads`` is its reference (tests tie the two).
-
-    r, k, w [..., L, K], v and grad_out [..., L, V]; start_state and grad_next_state [..., K, V],
-    or both None for a lone chunk (zero start state, next state unused). With B the exclusive
-    cumulative sum of w from the chunk start and A the reverse one to its end, the forward is
-        q = r e^B,  p = k e^-(B + w),  scores = (q p^T) * earlier,  out = scores v + q S,
-        S_next = e^(sum w) S + (k e^A)^T v,
-    so every exponent a gradient meets is one the forward already bounded.
-    """
+    """The gradients of chunks whose decay is bounded (``_factorisable``), in closed form, no
+    autodiff: ``backends/torch/wkv.py: _factorised_chunk_grads`` (its docstring gives the forward it
+    inverts). ``_autograd_chunk_grads`` is its reference (tests tie the two)."""
     earlier = _earlier(r.shape[-2], r.dtype)
     decay_before = _exclusive_cumsum(w, dim=-2)
     query_decay, key_growth = paddle.exp(decay_before), paddle.exp(-(decay_before + w))
@@ -428,11 +420,8 @@ def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
 
 
 def _chunk_parts(r, k, v, w, sub_chunk_size: int):
-    """What a chunk contributes on its own, for chunk rows [M, L, K]: the within-chunk output
-    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
-    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded, the transition's
-    decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the reverse
-    sum A is never formed; otherwise each part takes its exact path."""
+    """A chunk's own contribution: within-chunk output, start-state query, transition (as
+    ``backends/torch/wkv.py: _chunk_parts``, where the bounded chunks' shortcut is explained)."""
     decay_before = _exclusive_cumsum(w, dim=-2)
     query = r * paddle.exp(decay_before)
     chunk_decay = paddle.exp(w.sum(axis=-2))  # [M, K]
