@@ -147,9 +147,29 @@ def train_step(model, objective, optimizer, micro_batches, config: dict, device)
             totals[key] = totals.get(key, 0.0) + float(value.detach().mean()) / accum
         totals["skipped"] += float(skipped)
     max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
-    params = [p for p in model.parameters() if not p.stop_gradient]
-    totals["grad_norm"] = float(paddle.nn.utils.clip_grad_norm_(params, max_norm))
+    totals["grad_norm"] = _clip_grad_norm([p for p in model.parameters() if not p.stop_gradient], max_norm)
     return totals
+
+
+@paddle.no_grad()  # scaling a gradient in place
+def _clip_grad_norm(params, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_``: the global 2-norm of the gradients, returned, and every
+    gradient scaled by max_norm / (norm + 1e-6) where that is below 1.
+
+    Not ``paddle.nn.utils.clip_grad_norm_``: its per-tensor ``p_norm`` kernel sums the squares
+    one after another in fp32, 0.5% low over the text model's 8.4M-entry caption embedding
+    (2880.0 against 2894.9 for unit normal entries), and took 33 of the text demo step's 214 ms
+    on 2 CPU cores; ``square().sum()`` reduces pairwise. Scaling by exactly 1 is skipped (the
+    norm is read on the host anyway)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = float(paddle.stack([paddle.square(g.astype("float32")).sum() for g in grads]).sum().sqrt())
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.scale_(scale)
+    return total
 
 
 class TrainAdapter(TrainBackend):
