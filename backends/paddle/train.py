@@ -164,7 +164,9 @@ def _clip_grad_norm(params, max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = float(paddle.stack([paddle.square(g.astype("float32")).sum() for g in grads]).sum().sqrt())
+    # bf16/fp16 gradients summed in fp32; fp32 and fp64 in their own precision
+    wide = [g if g.dtype in (paddle.float32, paddle.float64) else g.astype("float32") for g in grads]
+    total = float(paddle.stack([paddle.square(g).sum() for g in wide]).sum().sqrt())
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for g in grads:
