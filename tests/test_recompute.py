@@ -130,7 +130,9 @@ def test_mindspore_gradients_equal_without_recompute(mode, tmp_path):
     data = np.load(out)
     split = {flag: {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{flag}/")}
              for flag in ("False", "True")}
-    assert_same(split["False"], split["True"], 1e-6)
+    # MindSpore's recomputed model takes mixing.py's plain forms (DiR.set_recompute says why),
+    # which differ from the fused ones by float rounding: 1.8e-6 of the largest time_decay gradient
+    assert_same(split["False"], split["True"], 1e-5)
 
 
 if __name__ == "__main__":

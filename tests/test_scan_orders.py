@@ -148,9 +148,9 @@ def test_a_permuted_block_is_a_raster_block_on_tokens_picked_one_by_one(token_sh
         if token_shift == "q_shift":
             for mix in (block.att, block.ffn):
                 mix.q_shift_index = None
-            from backends.torch import models
+            from backends.torch import mixing  # the home of token_shift, which the fused mixes call
 
-            plain = models.token_shift
+            plain = mixing.token_shift
             inverse = inverse_order(order)
 
             def shift_by_loops(seq, bidirectional, _index=None):
@@ -158,11 +158,11 @@ def test_a_permuted_block_is_a_raster_block_on_tokens_picked_one_by_one(token_sh
                 shifted = torch.from_numpy(q_shift_reference(raster.numpy(), spec.grid_size))
                 return torch.stack([shifted[:, int(token)] for token in order], 1)
 
-            models.token_shift = shift_by_loops
+            mixing.token_shift = shift_by_loops
             try:
                 reference_sequence = block(sequence, c)
             finally:
-                models.token_shift = plain
+                mixing.token_shift = plain
         else:
             reference_sequence = block(sequence, c)
         reference = torch.empty_like(x)

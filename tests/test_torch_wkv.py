@@ -55,6 +55,25 @@ def test_chunked_matches_reference_values_and_gradients(length, bidirectional, d
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [7, 64, 257])
+def test_the_streamed_path_matches_reference_values_and_gradients(length, bidirectional, monkeypatch):
+    """Large inputs stream (KEEP_GATHERED_ELEMENTS exceeded, here forced): a direction at a time,
+    a span of chunks gathered at a time, the chunk-start states recomputed in the backward pass."""
+    from backends.torch import wkv
+
+    monkeypatch.setattr(wkv, "KEEP_GATHERED_ELEMENTS", 0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        for decay in ("mixed", "extreme"):
+            inputs = [x.requires_grad_() for x in make_inputs(length, dtype, decay)]
+            grad_out = torch.randn_like(inputs[0])
+            fast = wkv6(*inputs, bidirectional=bidirectional)
+            ref = wkv6_reference(*inputs, bidirectional=bidirectional)
+            assert torch.isfinite(fast).all() and rel(fast, ref) < tol, (dtype, decay)
+            for name, a, b in zip("rkvwu", grads_of(fast, inputs, grad_out), grads_of(ref, inputs, grad_out)):
+                assert torch.isfinite(a).all() and rel(a, b) < tol, (dtype, decay, name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_extreme_decays_stay_finite_and_exact(bidirectional, dtype, tol):
     inputs = [x.requires_grad_() for x in make_inputs(200, dtype, "extreme")]
@@ -144,17 +163,24 @@ def test_closed_form_chunk_gradients_equal_autograd(with_state):
         assert rel(a, b) < 1e-12, name
 
 
+@pytest.mark.parametrize("path", ["small", "streamed"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_backward_in_groups_across_heads_and_chunks_is_exact(bidirectional, monkeypatch):
-    """Groups of three chunk rows (cutting through batch, heads and chunks), a strongly decaying
-    chunk among mild ones: every gradient still equals the reference's."""
+def test_spans_of_part_of_the_batch_are_exact(bidirectional, path, monkeypatch):
+    """Spans of one batch element's chunk (GROUP_ELEMENTS small) in the forward and backward
+    passes, a strongly decaying chunk among mild ones and a length that is no multiple of the
+    chunk: every gradient still equals the reference's, on the small path (both directions in
+    one pass) and the streamed one (a direction at a time, a span gathered at a time, padding
+    at the front for the reverse direction, the states recomputed)."""
     from backends.torch import wkv
 
+    if path == "streamed":
+        monkeypatch.setattr(wkv, "KEEP_GATHERED_ELEMENTS", 0)
     r, k, v, w, u = make_inputs(300, torch.float64, "init", seed=4)
     w[:, 64:128, 1] = -5.0  # one head's second chunk cannot factorise
     inputs = [x.requires_grad_() for x in (r, k, v, w, u)]
     monkeypatch.setattr(wkv, "GROUP_ELEMENTS", 3 * 64 * 8)
-    assert len(wkv._row_groups(torch.zeros((2 if bidirectional else 1) * 2 * 2 * 5, 64, 8))) > 3
+    spans = wkv._spans(2, 5, 2 * 64 * 8)  # a chunk of one batch element (both heads) a span
+    assert len(spans) == 10 and spans[1] == (slice(1, 2), 0, 1)
     grad_out = torch.randn_like(inputs[0])
     fast_grads = grads_of(wkv6(*inputs, bidirectional=bidirectional), inputs, grad_out)
     ref_grads = grads_of(wkv6_reference(*inputs, bidirectional=bidirectional), inputs, grad_out)

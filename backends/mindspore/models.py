@@ -17,7 +17,8 @@ Ops used, and where they run:
 * ``nn.Conv2d`` (patch embedding), ``nn.Dense``, ``nn.Embedding``, ``nn.GroupNorm``,
   ``nn.SiLU`` and ``mindspore.ops`` arithmetic (exp, tanh, sigmoid, relu, matmul,
   cumsum, concat, flip): CPU, GPU and Ascend.
-* The affine-free LayerNorm of adaLN is written out (mean / variance over D), not
+* The affine-free LayerNorm of adaLN is written out (mean / variance over D) and fused
+  with the modulation (``mixing.norm_modulate``, as PyTorch's blocks), not
   ``mint.nn.functional.layer_norm`` (Ascend-only) nor ``nn.LayerNorm`` (which would
   add gamma/beta parameters the canonical table does not have). The text encoder's
   LayerNorms have those parameters, so they are ``nn.LayerNorm`` (CPU, GPU, Ascend).
@@ -44,6 +45,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from backends.mindspore.mixing import (_layer_norm, channel_mix, channel_mix_reference, gated_output, gated_output_reference,
+                                      norm_modulate, norm_modulate_reference, time_mix_inputs,
+                                      time_mix_inputs_reference)
 from backends.mindspore.wkv import default_branch, wkv6
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
@@ -82,25 +86,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale.expand_dims(1)) + shift.expand_dims(1)
 
 
-def token_shift(x, bidirectional: bool, q_shift_index=None):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
-    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
-    quarter from one of the four grid neighbours.
-
-    x [N, T, D]; tokens past either end (or the grid's border) are zero.
-    """
-    zero = ops.zeros_like(x[:, :1])
-    if q_shift_index is not None:
-        n, t, d = x.shape
-        quarters = ops.concat([x, zero], 1).reshape(n, 4 * (t + 1), d // 4)
-        return ops.gather(quarters, q_shift_index, 1).reshape(n, t, d)
-    previous = ops.concat([zero, x[:, :-1]], 1)
-    if not bidirectional:
-        return previous
-    following = ops.concat([x[:, 1:], zero], 1)
-    return 0.5 * (previous + following)
-
-
 def index_buffer(values):
     """A constant int32 index (a graph constant, never saved), or None."""
     return None if values is None else Tensor(values.astype(np.int32))
@@ -109,7 +94,9 @@ def index_buffer(values):
 class LayerNorm(nn.Cell):
     """LayerNorm over the last dim without affine parameters (DiT's adaLN norm).
 
-    Written out so it runs on every device and adds no parameters.
+    Written out so it runs on every device and adds no parameters (``mixing._layer_norm``, which
+    ``mixing.norm_modulate_reference`` normalises with too). The blocks and the final layer hold one
+    for its eps: they normalise and modulate in one step, ``mixing.norm_modulate``.
     """
 
     def __init__(self, eps: float = LAYER_NORM_EPS):
@@ -117,10 +104,7 @@ class LayerNorm(nn.Cell):
         self.eps = eps
 
     def construct(self, x):
-        mean = x.mean(-1, keep_dims=True)
-        centered = x - mean
-        variance = (centered * centered).mean(-1, keep_dims=True)
-        return centered * ops.rsqrt(variance + self.eps)
+        return _layer_norm(x, self.eps)
 
 
 class PatchEmbed(nn.Cell):
@@ -205,6 +189,7 @@ class TimeMix(nn.Cell):
         self.bidirectional = spec.scan == "bidirectional"
         self.q_shift_index = index_buffer(layout.q_shift_index)
         self.wkv_branch = default_branch()
+        self.fused = True  # the fused forms of backends/mindspore/mixing.py (DiR.set_recompute turns them off)
         zeros = lambda *shape: Parameter(Tensor(np.zeros(shape, np.float32)))  # noqa: E731
         self.time_maa_x = zeros(d)
         self.time_maa_w = zeros(d)
@@ -227,25 +212,16 @@ class TimeMix(nn.Cell):
 
     def construct(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        mixed = x + delta * self.time_maa_x
-        lora = ops.tanh(ops.matmul(mixed, self.time_maa_w1)).reshape(n * t, 5, -1).swapaxes(0, 1)  # [5, NT, R]
-        # unstack, not m[0]..m[4]: five slices cost five strided-slice gradients on CPU
-        mw, mk, mv, mr, mg = ops.unstack(ops.bmm(lora, self.time_maa_w2).reshape(5, n, t, d), 0)
-        xw = x + delta * (self.time_maa_w + mw)
-        xk = x + delta * (self.time_maa_k + mk)
-        xv = x + delta * (self.time_maa_v + mv)
-        xr = x + delta * (self.time_maa_r + mr)
-        xg = x + delta * (self.time_maa_g + mg)
-        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        g = ops.silu(self.gate(xg))
-        log_decay = -ops.exp(self.time_decay + ops.matmul(ops.tanh(ops.matmul(xw, self.time_decay_w1)),
-                                                          self.time_decay_w2))
+        if self.fused:
+            r, k, v, gate_pre, log_decay = time_mix_inputs(self, x)
+        else:
+            r, k, v, gate_pre, log_decay = time_mix_inputs_reference(self, x)
         heads = (n, t, self.num_heads, self.head_size)
         y = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), log_decay.reshape(heads), self.time_faaaa,
                  bidirectional=self.bidirectional, branch=self.wkv_branch)
-        y = self.ln_x(y.reshape(n * t, d)).reshape(n, t, d)
-        return self.output(y * g)
+        if self.fused:
+            return gated_output(self, y.reshape(n, t, d), gate_pre)
+        return gated_output_reference(self, y.reshape(n, t, d), gate_pre)
 
 
 class ChannelMix(nn.Cell):
@@ -256,6 +232,7 @@ class ChannelMix(nn.Cell):
         d, f = spec.hidden_size, spec.ffn_hidden_size
         self.bidirectional = spec.scan == "bidirectional"
         self.q_shift_index = index_buffer(layout.q_shift_index)
+        self.fused = True  # as TimeMix.fused
         self.time_maa_k = Parameter(Tensor(np.zeros(d, np.float32)))
         self.time_maa_r = Parameter(Tensor(np.zeros(d, np.float32)))
         self.key = nn.Dense(d, f, has_bias=False)
@@ -263,9 +240,9 @@ class ChannelMix(nn.Cell):
         self.value = nn.Dense(f, d, has_bias=False)
 
     def construct(self, x):
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        k = ops.relu(self.key(x + delta * self.time_maa_k))
-        return ops.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k * k)
+        if self.fused:
+            return channel_mix(self, x)
+        return channel_mix_reference(self, x)
 
 
 class TextBlock(nn.Cell):
@@ -338,6 +315,7 @@ class DiRBlock(nn.Cell):
         self.norm2 = LayerNorm(spec.block_norm_eps)
         self.ffn = ChannelMix(spec, layout)
         self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 6 * d))
+        self.fused = True  # as TimeMix.fused
 
     def construct(self, x, c, skip=None):
         if self.skip_linear is not None:
@@ -345,8 +323,9 @@ class DiRBlock(nn.Cell):
         if self.order is not None:
             x = ops.gather(x, self.order, 1)
         shift1, scale1, gate1, shift2, scale2, gate2 = ops.split(self.adaLN_modulation(c), c.shape[1], 1)
-        x = x + gate1.expand_dims(1) * self.att(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2.expand_dims(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        modulated = norm_modulate if self.fused else norm_modulate_reference
+        x = x + gate1.expand_dims(1) * self.att(modulated(x, shift1, scale1, self.norm1.eps))
+        x = x + gate2.expand_dims(1) * self.ffn(modulated(x, shift2, scale2, self.norm2.eps))
         if self.order is not None:
             x = ops.gather(x, self.inverse_order, 1)
         return x
@@ -361,10 +340,12 @@ class FinalLayer(nn.Cell):
         self.norm_final = LayerNorm(LAYER_NORM_EPS)
         self.linear = nn.Dense(d, p * p * spec.out_channels)
         self.adaLN_modulation = nn.SequentialCell(nn.SiLU(), nn.Dense(d, 2 * d))
+        self.fused = True  # as TimeMix.fused
 
     def construct(self, x, c):
         shift, scale = ops.split(self.adaLN_modulation(c), c.shape[1], 1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        modulated = norm_modulate if self.fused else norm_modulate_reference
+        return self.linear(modulated(x, shift, scale, self.norm_final.eps))
 
 
 class DiR(nn.Cell):
@@ -404,6 +385,13 @@ class DiR(nn.Cell):
         the block in the backward pass (about a third more compute; same gradients). MindSpore
         marks the cells (``Cell.recompute``), in PyNative and Graph mode alike; once set, it stays."""
         if enabled and not self.recompute_blocks:
+            # MindSpore 2.10's Graph compiler finds a cycle ("Graph cycle exists", TopoSort) in a
+            # graph that holds recomputed cells and cells with hand-written bprops, so the whole
+            # model takes the plain forms of backends/mindspore/mixing.py; a recomputed block
+            # keeps only its input anyway, which is what the fused forms were saving.
+            for _, cell in self.cells_and_names():
+                if hasattr(cell, "fused"):
+                    cell.fused = False
             for block in self.blocks:
                 block.recompute()
             self.recompute_blocks = True

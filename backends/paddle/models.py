@@ -14,9 +14,9 @@ import math
 import numpy as np
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute as fleet_recompute
 
+from backends.paddle.mixing import channel_mix, gated_output, norm_modulate, time_mix_inputs
 from backends.paddle.wkv import wkv6
 from common.params import check_state, init_canonical, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
@@ -27,31 +27,6 @@ from common.text import EOS_ID
 def modulate(x, shift, scale):
     """adaLN: x [N, T, D]; shift, scale [N, D]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def token_shift(x, bidirectional: bool, q_shift_index=None):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
-    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
-    quarter from one of the four grid neighbours.
-
-    x [N, T, D]; tokens past either end (or the grid's border) are zero.
-    """
-    zero = paddle.zeros_like(x[:, :1])
-    if q_shift_index is not None:
-        n, t, d = x.shape
-        quarters = paddle.concat([x, zero], axis=1).reshape([n, 4 * (t + 1), d // 4])
-        return paddle.index_select(quarters, q_shift_index, axis=1).reshape([n, t, d])
-    # split, not slicing: the backward of a slice is several times slower on CPU
-    t = x.shape[1]
-    if t == 1:
-        return zero
-    head, _ = paddle.split(x, [t - 1, 1], axis=1)
-    previous = paddle.concat([zero, head], axis=1)
-    if not bidirectional:
-        return previous
-    _, tail = paddle.split(x, [1, t - 1], axis=1)
-    following = paddle.concat([tail, zero], axis=1)
-    return 0.5 * (previous + following)
 
 
 def _zeros_parameter(layer: nn.Layer, shape):
@@ -147,23 +122,11 @@ class TimeMix(nn.Layer):
 
     def forward(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        mixed = x + delta * self.time_maa_x
-        lora = paddle.tanh(mixed @ self.time_maa_w1).reshape([n * t, 5, -1]).transpose([1, 0, 2])  # [5, NT, R]
-        mw, mk, mv, mr, mg = paddle.bmm(lora, self.time_maa_w2).reshape([5, n, t, d]).unbind(0)
-        xw = x + delta * (self.time_maa_w + mw)
-        xk = x + delta * (self.time_maa_k + mk)
-        xv = x + delta * (self.time_maa_v + mv)
-        xr = x + delta * (self.time_maa_r + mr)
-        xg = x + delta * (self.time_maa_g + mg)
-        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        g = F.silu(self.gate(xg))
-        log_decay = -paddle.exp(self.time_decay + paddle.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        r, k, v, gate_pre, log_decay = time_mix_inputs(self, x)
         heads = [n, t, self.num_heads, self.head_size]
         y = wkv6(r.reshape(heads), k.reshape(heads), v.reshape(heads), log_decay.reshape(heads), self.time_faaaa,
                  bidirectional=self.bidirectional)
-        y = self.ln_x(y.reshape([n * t, d])).reshape([n, t, d])
-        return self.output(y * g)
+        return gated_output(self, y.reshape([n, t, d]), gate_pre)
 
 
 class ChannelMix(nn.Layer):
@@ -181,9 +144,7 @@ class ChannelMix(nn.Layer):
         self.value = nn.Linear(f, d, bias_attr=False)
 
     def forward(self, x):
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        k = paddle.square(F.relu(self.key(x + delta * self.time_maa_k)))  # ** 2's backward is ~30x slower
-        return F.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
+        return channel_mix(self, x)
 
 
 class TextBlock(nn.Layer):
@@ -262,8 +223,8 @@ class DiRBlock(nn.Layer):
         if self.order is not None:
             x = paddle.index_select(x, self.order, axis=1)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, axis=1)
-        x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate1.unsqueeze(1) * self.att(norm_modulate(x, shift1, scale1, self.norm1._epsilon))
+        x = x + gate2.unsqueeze(1) * self.ffn(norm_modulate(x, shift2, scale2, self.norm2._epsilon))
         if self.order is not None:
             x = paddle.index_select(x, self.inverse_order, axis=1)
         return x
@@ -281,7 +242,7 @@ class FinalLayer(nn.Layer):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, axis=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale, self.norm_final._epsilon))
 
 
 class DiR(nn.Layer):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from backends.torch.mixing import channel_mix, gated_output, norm_modulate, time_mix_inputs
 from backends.torch.wkv import wkv6, wkv6_fla
 from common.params import init_canonical, parameter_table, sincos_pos_embed_2d
 from common.scan_orders import BlockLayout
@@ -25,25 +26,6 @@ from common.text import EOS_ID
 def modulate(x, shift, scale):
     """adaLN: x [N, T, D]; shift, scale [N, D]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def token_shift(x, bidirectional: bool, q_shift_index=None):
-    """The neighbour each token mixes with: x_{t-1}, or the mean of x_{t-1} and x_{t+1}; or,
-    given q_shift's gather index ([4T], ``common.scan_orders.q_shift_index``), each channel
-    quarter from one of the four grid neighbours.
-
-    x [N, T, D]; tokens past either end (or the grid's border) are zero.
-    """
-    zero = torch.zeros_like(x[:, :1])
-    if q_shift_index is not None:
-        n, t, d = x.shape
-        quarters = torch.cat([x, zero], dim=1).reshape(n, 4 * (t + 1), d // 4)
-        return quarters.index_select(1, q_shift_index).reshape(n, t, d)
-    previous = torch.cat([zero, x[:, :-1]], dim=1)
-    if not bidirectional:
-        return previous
-    following = torch.cat([x[:, 1:], zero], dim=1)
-    return 0.5 * (previous + following)
 
 
 class PatchEmbed(nn.Module):
@@ -135,24 +117,12 @@ class TimeMix(nn.Module):
 
     def forward(self, x):
         n, t, d = x.shape
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        mixed = x + delta * self.time_maa_x
-        lora = torch.tanh(mixed @ self.time_maa_w1).view(n * t, 5, -1).transpose(0, 1)  # [5, NT, R]
-        mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, n, t, d).unbind(0)
-        xw = x + delta * (self.time_maa_w + mw)
-        xk = x + delta * (self.time_maa_k + mk)
-        xv = x + delta * (self.time_maa_v + mv)
-        xr = x + delta * (self.time_maa_r + mr)
-        xg = x + delta * (self.time_maa_g + mg)
-        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        g = F.silu(self.gate(xg))
-        log_decay = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        r, k, v, gate_pre, log_decay = time_mix_inputs(self, x)
         heads = (n, t, self.num_heads, self.head_size)
         wkv = wkv6_fla if self.wkv_kernel == "fla" else wkv6
         y = wkv(r.view(heads), k.view(heads), v.view(heads), log_decay.view(heads), self.time_faaaa,
                 bidirectional=self.bidirectional)
-        y = self.ln_x(y.reshape(n * t, d)).view(n, t, d)
-        return self.output(y * g)
+        return gated_output(self, y.reshape(n, t, d), gate_pre)
 
 
 class ChannelMix(nn.Module):
@@ -170,9 +140,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(f, d, bias=False)
 
     def forward(self, x):
-        delta = token_shift(x, self.bidirectional, self.q_shift_index) - x
-        k = torch.relu(self.key(x + delta * self.time_maa_k)) ** 2
-        return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
+        return channel_mix(self, x)
 
 
 class TextBlock(nn.Module):
@@ -251,8 +219,8 @@ class DiRBlock(nn.Module):
         if self.order is not None:
             x = x.index_select(1, self.order)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.att(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate1.unsqueeze(1) * self.att(norm_modulate(x, shift1, scale1, self.norm1.eps))
+        x = x + gate2.unsqueeze(1) * self.ffn(norm_modulate(x, shift2, scale2, self.norm2.eps))
         if self.order is not None:
             x = x.index_select(1, self.inverse_order)
         return x
@@ -270,7 +238,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale, self.norm_final.eps))
 
 
 class DiR(nn.Module):

@@ -183,63 +183,26 @@ def _chunk_outputs(r, k, v, w, states, sub_chunk_size: int):
     return scores @ v + (r * torch.exp(decay_before)) @ states
 
 
-# Chunks are scored (and, in the backward pass, recomputed) in groups of about this many input
-# elements, cut across batch, heads and chunks alike: the scores, sub-chunk keys and
-# exponentials are several times the inputs' size, so the group bounds that working memory
-# whatever the sequence length. A group is 1 MB of fp32 per input, so the dozens of
+# Chunks are gathered, scored (and, in the backward pass, recomputed) in spans of about this many
+# input elements (``_spans``): the scores, sub-chunk keys and exponentials are several times the
+# inputs' size, so the span bounds that working memory whatever the sequence length. A span is
+# 1 MB of fp32 per input, so the dozens of
 # elementwise passes of its backward run from the caches: with 16 MB groups (1 << 22) WKV6's
 # forward+backward (6 heads of 64, bidirectional, 2-core EPYC) took about twice as long: 256 against
 # 132 ms at 256 tokens and batch 16, 249 against 109 ms at 4096 tokens.
 GROUP_ELEMENTS = 1 << 18
 
 
-def _row_groups(x):
-    """Slices of the rows of a [M, L, K] tensor of chunks, a group of about GROUP_ELEMENTS at a time."""
-    size = max(1, GROUP_ELEMENTS // max(1, x[0].numel()))
-    return [slice(start, start + size) for start in range(0, x.shape[0], size)]
-
-
-def _rows(x):
-    """[..., L, K] -> [M, L, K] (None stays None): chunks are independent given their start
-    states, so groups are cut across batch, heads and chunks alike."""
-    return None if x is None else x.reshape(-1, *x.shape[-2:])
-
-
-def _to_chunks(x, bidirectional: bool, chunk_size: int):
-    """[B, H, T, K] -> [B', H, N, L, K]: the reversed sequence appended on the batch axis when
-    bidirectional (both directions in one batched scan), zero-padded to whole chunks (trailing
-    zeros and zero log-decay never reach earlier tokens)."""
-    if bidirectional:
-        x = torch.cat([x, x.flip(2)], dim=0)
-    pad = (-x.shape[2]) % chunk_size
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    return x.reshape(x.shape[0], x.shape[1], -1, chunk_size, x.shape[-1])
-
-
-def _from_chunks(x, bidirectional: bool, length: int):
-    """The adjoint of ``_to_chunks``: [B', H, N, L, V] -> [B, H, T, V], the directions summed."""
-    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :length]
-    if bidirectional:
-        half = x.shape[0] // 2
-        x = x[:half] + x[half:].flip(2)
-    return x
-
-
-def _prepare(r, k, v, w, u, bidirectional: bool, chunk_size: int):
-    """[B, T, H, K] inputs -> ([B, H, T, K] r, k, v; u; chunked r, k, v, w), in the compute dtype."""
-    compute = _compute_dtype(r.dtype)
-    r, k, v, w = (x.to(compute).transpose(1, 2) for x in (r, k, v, w))
-    # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
-    # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
-    w = w.clamp(min=LOG_DECAY_FLOOR)
-    chunks = [_to_chunks(x, bidirectional, chunk_size) for x in (r, k, v, w)]
-    return r, k, v, u.to(compute), chunks
-
-
-def _bonus(r, k, v, u):
-    """The current token's own term r_t diag(u) k_t^T v_t, for [B, H, T, K] inputs."""
-    return (r * u[None, :, None, :] * k).sum(-1, keepdim=True) * v
+def _spans(batch: int, n_chunks: int, chunk_elements: int):
+    """What to gather at a time: (batch slice, first chunk, end chunk) spans of about
+    GROUP_ELEMENTS input elements, ``chunk_elements`` (H·L·K) being one batch element's chunk.
+    Runs of whole chunks while a chunk of the whole batch fits; otherwise a chunk of part of the
+    batch."""
+    per_batch = max(1, GROUP_ELEMENTS // max(1, chunk_elements))
+    if per_batch < batch:
+        return [(slice(b, min(b + per_batch, batch)), c, c + 1) for c in range(n_chunks) for b in range(0, batch, per_batch)]
+    per_span = per_batch // batch
+    return [(slice(None), c, min(c + per_span, n_chunks)) for c in range(0, n_chunks, per_span)]
 
 
 def _factorised_chunk_grads(r, k, v, w, start_state, grad_out, grad_next_state):
@@ -315,35 +278,172 @@ def _local_grads(r, k, v, w, start_state, grad_out, grad_next_state, sub_chunk_s
     return [g.reshape(x.shape) for g, x in zip(grads, (r, k, v, w))]
 
 
-def _chunked_scan_backward(r, k, v, w, states, grad_out, sub_chunk_size: int):
-    """Gradients of ``_chunk_outputs`` (with the states it implies) for chunked inputs.
+def _chunk_view(x, reverse: bool, chunk_size: int):
+    """[B, T, H, X] -> a [B, H, N, L, X] view of x's chunks (no copy when T is a multiple of L;
+    otherwise zero-padded at the end, or for the reverse direction at the front, so that the
+    reversed sequence ends in the padding)."""
+    pad = (-x.shape[1]) % chunk_size
+    x = x.contiguous()
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, pad, 0) if reverse else (0, 0, 0, 0, 0, pad))
+    b, t, h, c = x.shape
+    return x.view(b, t // chunk_size, chunk_size, h, c).permute(0, 3, 1, 2, 4)
 
-    The state's gradient runs backwards through the chunks in closed form,
-    dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before); given it,
-    chunks are independent, and each group's local gradients come from ``_local_grads``:
+
+# Inputs of at most this many elements (both directions counted) take the small path: laid out in
+# chunks once, both directions in one pass (``_both_directions``), their chunk-start states kept
+# for the backward pass. At these sizes the copies and the memory cost less than gathering and
+# recomputing; larger inputs stream a span at a time, a direction at a time, and recompute the
+# states (the memory at 16384 tokens is what that buys).
+KEEP_GATHERED_ELEMENTS = 1 << 22
+
+
+def _small(elements: int) -> bool:
+    return elements <= KEEP_GATHERED_ELEMENTS
+
+
+def _both_directions(x, bidirectional: bool, chunk_size: int, compute):
+    """Small inputs' layout: [B, T, H, X] -> contiguous [B', H, N, L, X] chunks of x in the compute
+    dtype, with x reversed in time appended along the batch (B' = 2B) when bidirectional, so one
+    pass scans both directions; zero-padded at the end to whole chunks."""
+    x = x.to(compute).transpose(1, 2)  # [B, H, T, X]
+    x = torch.cat([x, x.flip(2)]) if bidirectional else x.contiguous()
+    pad = (-x.shape[2]) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.view(x.shape[0], x.shape[1], -1, chunk_size, x.shape[-1])
+
+
+def _fold_directions(x, batch: int, length: int):
+    """The adjoint of ``_both_directions``: [B', H, N, L, X] -> [B, T, H, X], the directions summed."""
+    x = x.view(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :length]
+    if x.shape[0] > batch:
+        x = x[:batch] + x[batch:].flip(2)
+    return x.transpose(1, 2)
+
+
+class _DirectionChunks:
+    """A pass's chunks as [M, L, X] rows, a span at a time, and the tensors kept in its chunk order.
+
+    ``whole`` (the small path): the views are contiguous [B', H, N, L, X] layouts
+    (``_both_directions``), and a span is a slice of about GROUP_ELEMENTS of their B'·H·N rows,
+    across batch, heads and chunks; reading and writing are views. Otherwise the views are
+    ``_chunk_view``s of [B, T, H, X] tensors in the original token order, a span is (batch slice,
+    first chunk, end chunk) of ``_spans``, and each read gathers a copy of the span; the reverse
+    direction's chunk c is the original chunk N-1-c with its tokens flipped. Tensors kept in the
+    pass's chunk order, [B, H, N, ...], are read and written through ``part`` and ``put``.
+    """
+
+    def __init__(self, reverse: bool, view, compute, whole: bool):
+        self.reverse, self.compute, self.whole = reverse, compute, whole
+        self.batch, self.heads, self.n_chunks, size, width = view.shape
+        if whole:
+            rows = self.batch * self.heads * self.n_chunks
+            per = max(1, GROUP_ELEMENTS // (size * width))
+            self.spans = [slice(start, min(start + per, rows)) for start in range(0, rows, per)]
+        else:
+            self.spans = _spans(self.batch, self.n_chunks, self.heads * size * width)
+
+    def rows(self, view, span):
+        """The span's rows [M, L, X] of an input view, in the compute dtype."""
+        if self.whole:
+            return view.view(-1, *view.shape[-2:])[span]
+        batch, start, end = span
+        if self.reverse:
+            part = view[batch, :, self.n_chunks - end:self.n_chunks - start].flip(2, 3)
+        else:
+            part = view[batch, :, start:end]
+        return part.to(self.compute).reshape(-1, *part.shape[-2:])
+
+    def part(self, x, span):
+        """The span's rows of a [B, H, N, ...] tensor in the pass's order (None stays None)."""
+        if x is None:
+            return None
+        if self.whole:
+            return x.reshape(-1, *x.shape[3:])[span]
+        batch, start, end = span
+        return x[batch, :, start:end].reshape(-1, *x.shape[3:])
+
+    def put(self, x, span, rows):
+        """Writes the span's rows into a [B, H, N, ...] tensor in the pass's order."""
+        if self.whole:
+            x.view(-1, *x.shape[3:])[span] = rows
+        else:
+            batch, start, end = span
+            target = x[batch, :, start:end]
+            target.copy_(rows.view(target.shape))
+
+    def add(self, total_view, span, rows, first: bool = False):
+        """total_view's part of the span += rows [M, L, X] (= when ``first``)."""
+        if self.whole:
+            target = total_view.view(-1, *rows.shape[-2:])[span]
+        else:
+            batch, start, end = span
+            target = total_view[batch, :, self.n_chunks - end:self.n_chunks - start] if self.reverse else \
+                total_view[batch, :, start:end]
+            rows = rows.view(target.shape)
+            if self.reverse:
+                rows = rows.flip(2, 3)
+        if first:
+            target.copy_(rows)
+        else:
+            target += rows
+
+
+def _chunked_scan_backward(views, totals, reverse: bool, sub_chunk_size: int, first: bool = False, states=None,
+                           whole: bool = False):
+    """One direction's gradients of the chunked scan, added into ``totals``.
+
+    views: r, k, v, w, grad_out as [B, H, N, L, X] chunk views (``_chunk_view``); totals: r, k, v,
+    w gradient views of the same layout, in the compute dtype; ``first``: overwrite them instead;
+    states: the forward's chunk-start states [B, H, N, K, V] where it kept them (small inputs).
+
+    A first pass over spans of chunks (``_spans``) recomputes each chunk's transition (unless the
+    states were kept) and what its outputs ask of its start state; the states then run
+    forwards through the chunks and their gradients backwards, in closed form:
+    dS_c = q_c^T dO_c + chunk_decay_c * dS_{c+1} with q = r * exp(decay_before). Given both, chunks
+    are independent: a second pass differentiates each span (``_local_grads``) and adds it in. The
+    working memory is the accumulated gradients, the states and their gradients, and one span:
     exactly the gradients autograd gives over the whole forward pass.
     """
-    after = None  # after[c]: d loss / d (the state after chunk c); None for one chunk
-    if states is not None:
-        n_chunks = r.shape[-3]
-        read_grad = (r * torch.exp(_exclusive_cumsum(w, dim=-2))).transpose(-1, -2) @ grad_out  # [..., N, K, V]
-        chunk_decay = torch.exp(w.sum(dim=-2)).unsqueeze(-1)
+    r, k, v, w, grad_out = views
+    b, h, n_chunks, size, dk = r.shape
+    chunks = _DirectionChunks(reverse, r, totals[0].dtype, whole)
+
+    def decays(span):
+        return chunks.rows(w, span).clamp(min=LOG_DECAY_FLOOR)  # see _chunked_scan
+
+    after = None  # the state's gradient after chunk c; None for one chunk
+    if n_chunks > 1:
+        read_grad = torch.empty(b, h, n_chunks, dk, v.shape[-1], dtype=totals[0].dtype, device=r.device)
+        chunk_kv = None if states is not None else torch.empty_like(read_grad)
+        chunk_decay = torch.empty(b, h, n_chunks, dk, dtype=read_grad.dtype, device=r.device)
+        for span in chunks.spans:
+            w_rows = decays(span)
+            query = chunks.rows(r, span) * torch.exp(_exclusive_cumsum(w_rows, dim=-2))
+            chunks.put(read_grad, span, query.transpose(-1, -2) @ chunks.rows(grad_out, span))
+            if chunk_kv is None:
+                chunks.put(chunk_decay, span, torch.exp(w_rows.sum(dim=-2)))
+            else:
+                decay, kv = _chunk_transitions(chunks.rows(k, span), chunks.rows(v, span), w_rows)
+                chunks.put(chunk_decay, span, decay)
+                chunks.put(chunk_kv, span, kv)
+        if chunk_kv is not None:
+            states = _chunk_states(chunk_decay, chunk_kv)
+            del chunk_kv
         after = [None] * n_chunks
-        following = torch.zeros_like(read_grad[..., 0, :, :])
-        for c in range(n_chunks - 1, -1, -1):
+        following = torch.zeros_like(read_grad[:, :, 0])
+        for c, (read, decay) in reversed(list(enumerate(zip(read_grad.unbind(2), chunk_decay.unsqueeze(-1).unbind(2))))):
             after[c] = following
-            following = read_grad[..., c, :, :] + chunk_decay[..., c, :, :] * following
-        after = torch.stack(after, dim=-3)
-    rows = [_rows(x) for x in (r, k, v, w, states, grad_out, after)]
-    groups = _row_groups(rows[0])
-    if len(groups) == 1:
-        local = _local_grads(*rows, sub_chunk_size)
-    else:
-        local = [torch.empty_like(x) for x in rows[:4]]
-        for part in groups:
-            for full, g in zip(local, _local_grads(*(None if x is None else x[part] for x in rows), sub_chunk_size)):
-                full[part] = g
-    return [g.reshape(x.shape) for g, x in zip(local, (r, k, v, w))]
+            following = read + decay * following
+        after = torch.stack(after, dim=2)
+        del read_grad
+    for span in chunks.spans:
+        local = _local_grads(chunks.rows(r, span), chunks.rows(k, span), chunks.rows(v, span), decays(span),
+                             chunks.part(states, span), chunks.rows(grad_out, span), chunks.part(after, span),
+                             sub_chunk_size)
+        for total, grad in zip(totals, local):
+            chunks.add(total, span, grad, first)
 
 
 def _chunk_parts(r, k, v, w, sub_chunk_size: int):
@@ -366,42 +466,100 @@ def _chunk_parts(r, k, v, w, sub_chunk_size: int):
     return scores @ v, query, chunk_decay, chunk_kv
 
 
-def _chunked_scan(r, k, v, w, sub_chunk_size: int):
-    """The chunked scan [..., N, L, *] -> (outputs [..., N, L, V], chunk-start states [..., N, K, V]
-    or None for one chunk): each group of chunk rows scored on its own, the states passed between
-    chunks, then each chunk's start state read out."""
-    rows = [_rows(x) for x in (r, k, v, w)]
-    groups = _row_groups(rows[0])
-    parts = [_chunk_parts(*(x[part] for x in rows), sub_chunk_size) for part in groups]
-    join = lambda i: torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]  # noqa: E731
-    if r.shape[-3] == 1:
-        return join(0).reshape(v.shape), None
-    lead = r.shape[:-2]  # [..., N]
-    states = _chunk_states(join(2).reshape(*lead, -1), join(3).reshape(*lead, *parts[0][3].shape[-2:]))
-    state_rows = _rows(states)
-    # each group's start-state read-out while its within-chunk part is still at hand
-    out = [torch.baddbmm(within, query, state_rows[part]) for part, (within, query, _, _) in zip(groups, parts)]
-    return (torch.cat(out) if len(out) > 1 else out[0]).reshape(v.shape), states
+def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool = False, whole: bool = False):
+    """One direction of the chunked scan, added into ``total``.
+
+    views: r, k, v, w as [B, H, N, L, X] chunk views (``_chunk_view``); total: the output's
+    [B, H, N, L, V] view in the compute dtype (overwritten when ``first``). Returns the
+    chunk-start states [B, H, N, K, V] (None for one chunk). Two passes over spans of chunks
+    (``_spans``): the first adds each chunk's own output and keeps its transition, the states are
+    passed between chunks, the second adds each chunk's start state read out through r e^B. The
+    working memory is the transitions, the states and one span, whatever the sequence length;
+    small inputs (``KEEP_GATHERED_ELEMENTS``) keep their spans' gathers and outputs between the
+    passes instead of recomputing them.
+    """
+    r, k, v, w = views
+    b, h, n_chunks, size, dk = r.shape
+    chunks = _DirectionChunks(reverse, r, total.dtype, whole)
+
+    def decays(span):
+        # exp(-1e4) is exactly 0 in fp32 and fp64, and every exponent is a sum of log-decays
+        # <= 0, so the floor changes no value or gradient; it keeps -inf out of the sums.
+        return chunks.rows(w, span).clamp(min=LOG_DECAY_FLOOR)
+
+    chunk_decay = chunk_kv = None
+    kept = [] if chunks.whole and n_chunks > 1 else None  # small: each span's own output and query
+    for span in chunks.spans:
+        within, query, decay, kv = _chunk_parts(chunks.rows(r, span), chunks.rows(k, span), chunks.rows(v, span),
+                                                decays(span), sub_chunk_size)
+        if kept is None:
+            chunks.add(total, span, within, first)
+        else:
+            kept.append((within, query))
+        if n_chunks > 1:
+            if chunk_kv is None:
+                chunk_kv = kv.new_empty(b, h, n_chunks, *kv.shape[-2:])
+                chunk_decay = decay.new_empty(b, h, n_chunks, dk)
+            chunks.put(chunk_kv, span, kv)
+            chunks.put(chunk_decay, span, decay)
+    if n_chunks == 1:
+            return None
+    states = _chunk_states(chunk_decay, chunk_kv)
+    del chunk_kv
+    for i, span in enumerate(chunks.spans):
+        if kept is None:
+            query = chunks.rows(r, span) * torch.exp(_exclusive_cumsum(decays(span), dim=-2))
+            chunks.add(total, span, query @ chunks.part(states, span))
+        else:
+            within, query = kept[i]
+            chunks.add(total, span, torch.baddbmm(within, query, chunks.part(states, span)), first)
+    return states
 
 
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
-    """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states or None)."""
-    length = r.shape[1]
-    r_t, k_t, v_t, u_c, chunks = _prepare(r, k, v, w, u, bidirectional, chunk_size)
-    scan, states = _chunked_scan(*chunks, sub_chunk_size)
-    return (_from_chunks(scan, bidirectional, length) + _bonus(r_t, k_t, v_t, u_c)).transpose(1, 2).to(r.dtype), states
+    """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states of each pass, or None): one
+    direction at a time (or, small, both in one pass), summed, plus the bonus."""
+    compute = _compute_dtype(r.dtype)
+    batch, length, heads = r.shape[:3]
+    pad = (-length) % chunk_size
+    if _small(r.numel() * (2 if bidirectional else 1)):
+        # small: both directions in one pass over [x, x reversed] along the batch (half the
+        # sequential steps), laid out in chunks once; the copies cost nothing worth saving here
+        views = [_both_directions(x, bidirectional, chunk_size, compute) for x in (r, k, v, w)]
+        total = torch.empty(*views[2].shape, dtype=compute, device=r.device)
+        states = [_chunked_scan(views, total, False, sub_chunk_size, first=True, whole=True)]
+        out = _fold_directions(total, batch, length)
+    else:
+        out = torch.empty(batch, length + pad, heads, v.shape[-1], dtype=compute, device=r.device)
+        states = []
+        for reverse in (False, True) if bidirectional else (False,):
+            # the reverse direction adds into the output, unless padding lays its chunks out otherwise
+            own = reverse and pad > 0
+            total = torch.empty_like(out) if own else out
+            views = [_chunk_view(x, reverse, chunk_size) for x in (r, k, v, w)]
+            states.append(_chunked_scan(views, _chunk_view(total, False, chunk_size), reverse, sub_chunk_size,
+                                        first=own or not reverse))
+            if own:
+                out[:, :length] += total[:, pad:]
+            del views, total
+        out = out[:, :length]
+    r_c, k_c, v_c, u_c = (x.to(compute) for x in (r, k, v, u))
+    out += (r_c * u_c * k_c).sum(-1, keepdim=True) * v_c  # the bonus r_t diag(u) k_t^T v_t
+    return out.to(r.dtype), states
 
 
 class _WKV6(torch.autograd.Function):
-    """WKV6 with a hand-written backward that keeps only the inputs and the chunk-start states
-    [B', H, N, K, V] (one input's size per direction at K = V = 64). Everything else (layout
-    copies, scores, sub-chunk keys, exponentials) is recomputed a group of chunks at a time in
-    the backward pass, so its memory does not grow with the sequence."""
+    """WKV6 with a hand-written backward that keeps only the inputs (and, for small inputs, the
+    chunk-start states). Everything else (layout copies, scores, sub-chunk keys, exponentials) is
+    recomputed a span of chunks at a time in the backward pass, so its memory does not grow with
+    the sequence. Past KEEP_GATHERED_ELEMENTS the states (one input's size a direction at
+    K = V = 64) are recomputed too: one more batched product than keeping them."""
 
     @staticmethod
     def forward(ctx, r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
         out, states = _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
-        ctx.save_for_backward(r, k, v, w, u, states)
+        keep = _small(r.numel() * (2 if bidirectional else 1)) and states[0] is not None  # as _forward
+        ctx.save_for_backward(r, k, v, w, u, *(states if keep else ()))
         ctx.options = (bidirectional, chunk_size, sub_chunk_size)
         return out
 
@@ -409,17 +567,44 @@ class _WKV6(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         bidirectional, chunk_size, sub_chunk_size = ctx.options
-        *inputs, states = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in inputs]
-            r_t, k_t, v_t, u_c, chunks = _prepare(*leaves, bidirectional, chunk_size)
-            grad_t = grad_out.transpose(1, 2).to(r_t.dtype)  # [B, H, T, V]
-            chunk_grads = _chunked_scan_backward(*(x.detach() for x in chunks), states,
-                                                 _to_chunks(grad_t, bidirectional, chunk_size), sub_chunk_size)
-            grads = torch.autograd.grad((*chunks, _bonus(r_t, k_t, v_t, u_c)), leaves, (*chunk_grads, grad_t),
-                                        allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-        return (*grads, None, None, None)
+        r, k, v, w, u, *states = ctx.saved_tensors
+        compute = _compute_dtype(r.dtype)
+        length = r.shape[1]
+        pad = (-length) % chunk_size
+        kept = states[0] if states else None
+        if _small(r.numel() * (2 if bidirectional else 1)):  # as _forward: both directions in one pass
+            views = [_both_directions(x, bidirectional, chunk_size, compute) for x in (r, k, v, w, grad_out)]
+            totals = [torch.empty_like(x) for x in views[:4]]
+            _chunked_scan_backward(views, totals, False, sub_chunk_size, first=True, states=kept, whole=True)
+            del views
+            grads = [_fold_directions(t, r.shape[0], length) for t in totals]
+            del totals
+        else:
+            grads = [torch.empty(x.shape[0], length + pad, *x.shape[2:], dtype=compute, device=x.device)
+                     for x in (r, k, v, w)]  # r, k, v, w gradients in the forward direction's padded layout
+            # One direction at a time, each a span of chunks at a time (_chunked_scan_backward): the
+            # working memory is the gradients being summed and one direction's states.
+            for direction, reverse in enumerate((False, True) if bidirectional else (False,)):
+                own = reverse and pad > 0  # padding lays the reverse direction's chunks out otherwise
+                totals = [torch.empty_like(g) for g in grads] if own else grads
+                views = [_chunk_view(x, reverse, chunk_size) for x in (r, k, v, w, grad_out)]
+                _chunked_scan_backward(views, [_chunk_view(t, False, chunk_size) for t in totals], reverse,
+                                       sub_chunk_size, first=own or not reverse, states=states[direction] if states else None)
+                if own:
+                    for g, t in zip(grads, totals):
+                        g[:, :length] += t[:, pad:]  # the padding's own gradients dropped
+                del views, totals
+            grads = [g[:, :length] for g in grads]
+        grad_r, grad_k, grad_v, grad_w = grads
+        r_c, k_c, v_c, grad_c, u_c = (x.to(compute) for x in (r, k, v, grad_out, u))
+        # the bonus r_t diag(u) k_t^T v_t = (sum over K of r u k) v_t
+        grad_v += grad_c * (r_c * u_c * k_c).sum(-1, keepdim=True)
+        grad_score = (grad_c * v_c).sum(-1, keepdim=True)  # [B, T, H, 1]
+        grad_r += grad_score * u_c * k_c
+        grad_k += grad_score * u_c * r_c
+        grad_u = (grad_score * r_c * k_c).sum(dim=(0, 1))
+        grad_w *= w >= LOG_DECAY_FLOOR  # the floor's own gradient (it changes no value, see _forward)
+        return (*(g.to(x.dtype) for g, x in zip(grads, (r, k, v, w))), grad_u.to(u.dtype), None, None, None)
 
 
 def wkv6(r, k, v, w, u, bidirectional: bool = False,
