@@ -119,6 +119,17 @@ def _scattered(grad, index):
     return _slice(_reshape(quarters, (n, t + 1, d)), (0, 0, 0), (n, t, d))
 
 
+def _add_shift_transpose(grad_x, grad_delta, index, q_shift: bool, bidirectional: bool):
+    """x's gradient plus that of delta = token_shift(x) - x (the bprops' share of
+    ``token_shift_transpose``; the shift's kind is a constant of the cell, so Graph mode folds the
+    branch)."""
+    if q_shift:
+        return grad_x + _scattered(grad_delta, index) - grad_delta
+    if bidirectional:
+        return grad_x + _mean_of_neighbours(grad_delta) - grad_delta
+    return grad_x + _following(grad_delta) - grad_delta
+
+
 def _rows(x):
     """[N, T, C] -> [N*T, C]."""
     return _reshape(x, (-1, x.shape[-1]))
@@ -227,13 +238,7 @@ class _TimeMixInputs(nn.Cell):
         grads = _time_mix_inputs_backward(
             (x, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2, out[4], w_k, w_v, w_r, w_g),
             delta, (dout[0], dout[1], dout[2], dout[3], dout[4]))
-        grad_x, grad_delta = grads[0], grads[1]
-        if self.q_shift:  # token_shift_transpose
-            grad_x = grad_x + _scattered(grad_delta, index) - grad_delta
-        elif self.bidirectional:
-            grad_x = grad_x + _mean_of_neighbours(grad_delta) - grad_delta
-        else:
-            grad_x = grad_x + _following(grad_delta) - grad_delta
+        grad_x = _add_shift_transpose(grads[0], grads[1], index, self.q_shift, self.bidirectional)
         return (grad_x, _zeros_like(index), grads[2], grads[3], grads[4], grads[5], grads[6], grads[7], grads[8],
                 grads[9], grads[10], grads[11], grads[12])
 
@@ -433,13 +438,7 @@ class _ChannelMix(nn.Cell):
             delta = _previous(x) - x
         grads = _channel_mix_backward((x, maa_k, maa_r, w_key, w_receptance, w_value, out[1], out[2], out[3]), delta,
                                       dout[0])
-        grad_x, grad_delta = grads[0], grads[1]
-        if self.q_shift:  # token_shift_transpose
-            grad_x = grad_x + _scattered(grad_delta, index) - grad_delta
-        elif self.bidirectional:
-            grad_x = grad_x + _mean_of_neighbours(grad_delta) - grad_delta
-        else:
-            grad_x = grad_x + _following(grad_delta) - grad_delta
+        grad_x = _add_shift_transpose(grads[0], grads[1], index, self.q_shift, self.bidirectional)
         return grad_x, _zeros_like(index), grads[2], grads[3], grads[4], grads[5], grads[6]
 
 
