@@ -298,8 +298,9 @@ def _chunk_view(x, reverse: bool, chunk_size: int):
 KEEP_GATHERED_ELEMENTS = 1 << 22
 
 
-def _small(elements: int) -> bool:
-    return elements <= KEEP_GATHERED_ELEMENTS
+def _small(r, bidirectional: bool) -> bool:
+    """Whether inputs like r [B, T, H, K] take the small path (both directions counted)."""
+    return r.numel() * (2 if bidirectional else 1) <= KEEP_GATHERED_ELEMENTS
 
 
 def _both_directions(x, bidirectional: bool, chunk_size: int, compute):
@@ -522,7 +523,7 @@ def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
     compute = _compute_dtype(r.dtype)
     batch, length, heads = r.shape[:3]
     pad = (-length) % chunk_size
-    if _small(r.numel() * (2 if bidirectional else 1)):
+    if _small(r, bidirectional):
         # small: both directions in one pass over [x, x reversed] along the batch (half the
         # sequential steps), laid out in chunks once; the copies cost nothing worth saving here
         views = [_both_directions(x, bidirectional, chunk_size, compute) for x in (r, k, v, w)]
@@ -558,7 +559,7 @@ class _WKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
         out, states = _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size)
-        keep = _small(r.numel() * (2 if bidirectional else 1)) and states[0] is not None  # as _forward
+        keep = _small(r, bidirectional) and states[0] is not None  # as _forward
         ctx.save_for_backward(r, k, v, w, u, *(states if keep else ()))
         ctx.options = (bidirectional, chunk_size, sub_chunk_size)
         return out
@@ -572,7 +573,7 @@ class _WKV6(torch.autograd.Function):
         length = r.shape[1]
         pad = (-length) % chunk_size
         kept = states[0] if states else None
-        if _small(r.numel() * (2 if bidirectional else 1)):  # as _forward: both directions in one pass
+        if _small(r, bidirectional):  # as _forward: both directions in one pass
             views = [_both_directions(x, bidirectional, chunk_size, compute) for x in (r, k, v, w, grad_out)]
             totals = [torch.empty_like(x) for x in views[:4]]
             _chunked_scan_backward(views, totals, False, sub_chunk_size, first=True, states=kept, whole=True)
@@ -584,12 +585,12 @@ class _WKV6(torch.autograd.Function):
                      for x in (r, k, v, w)]  # r, k, v, w gradients in the forward direction's padded layout
             # One direction at a time, each a span of chunks at a time (_chunked_scan_backward): the
             # working memory is the gradients being summed and one direction's states.
-            for direction, reverse in enumerate((False, True) if bidirectional else (False,)):
+            for reverse in (False, True) if bidirectional else (False,):  # the states were not kept: recomputed
                 own = reverse and pad > 0  # padding lays the reverse direction's chunks out otherwise
                 totals = [torch.empty_like(g) for g in grads] if own else grads
                 views = [_chunk_view(x, reverse, chunk_size) for x in (r, k, v, w, grad_out)]
                 _chunked_scan_backward(views, [_chunk_view(t, False, chunk_size) for t in totals], reverse,
-                                       sub_chunk_size, first=own or not reverse, states=states[direction] if states else None)
+                                       sub_chunk_size, first=own or not reverse)
                 if own:
                     for g, t in zip(grads, totals):
                         g[:, :length] += t[:, pad:]  # the padding's own gradients dropped
