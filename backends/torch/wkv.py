@@ -169,7 +169,7 @@ def _chunk_states(chunk_decay, chunk_kv):
     # full-size gradient per chunk, O(T^2) in all
     for decay, kv in zip(chunk_decay.unsqueeze(-1).unbind(-3), chunk_kv.unbind(-3)):
         states.append(state)
-        state = decay * state + kv
+        state = torch.addcmul(kv, decay, state)  # decay * state + kv in one pass
     return torch.stack(states, dim=-3)
 
 
@@ -447,31 +447,46 @@ def _chunked_scan_backward(views, totals, reverse: bool, sub_chunk_size: int, fi
             chunks.add(total, span, grad, first)
 
 
-def _chunk_parts(r, k, v, w, sub_chunk_size: int):
+def _chunk_parts(r, k, v, w, sub_chunk_size: int, bonus=None):
     """What a chunk contributes on its own, for chunk rows [M, L, K]: the within-chunk output
-    [M, L, V], the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
-    (chunk_decay [M, K], chunk_kv [M, K, V]). For rows whose decay is bounded, the transition's
-    decayed keys k e^(A) are the factorised keys k e^-(B + w) times e^(sum w), so the reverse
-    sum A is never formed; otherwise each part takes its exact path."""
-    decay_before = _exclusive_cumsum(w, dim=-2)
-    query = r * torch.exp(decay_before)
-    chunk_decay = torch.exp(w.sum(dim=-2))  # [M, K]
-    if bool(_factorisable(w, decay_before).all()):
-        key = k * torch.exp(-(decay_before + w))
-        size = r.shape[-2]
-        scores = (query @ key.transpose(-1, -2)) * torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
+    [M, L, V] (with the bonus r_t diag(u) k_t^T v_t when ``bonus``, u per row [M, 1, K], is given),
+    the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
+    (chunk_decay [M, K], chunk_kv [M, K, V]).
+
+    Rows whose decay is bounded (``_factorisable``) take one cumulative sum C = B + w and one
+    exponential: the keys are k e^-C, the queries r e^B = r / e^-C shifted by one token (every
+    e^-C is at most e^MAX_FACTORISED_EXPONENT, so the division is exact to rounding), and the
+    transition's decayed keys k e^A are the keys times e^(sum w). Other rows take the exact split
+    (``_within_chunk_scores``) and the exact transition."""
+    total = torch.cumsum(w, dim=-2)  # C_t = w_0 + ... + w_t, <= 0
+    chunk_decay = torch.exp(total[..., -1, :])  # [M, K]
+    size = r.shape[-2]
+    if bool(((-total[..., -1, :]).amax(dim=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]).all()):  # _factorisable
+        growth = torch.exp(-total)
+        key = k * growth
+        query = torch.empty_like(r)
+        query[..., 0, :] = r[..., 0, :]
+        torch.div(r[..., 1:, :], growth[..., :-1, :], out=query[..., 1:, :])
+        scores = (query @ key.transpose(-1, -2)).mul_(torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1))
         chunk_kv = (key * chunk_decay.unsqueeze(-2)).transpose(-1, -2) @ v
     else:
+        decay_before = _exclusive_cumsum(w, dim=-2)
+        query = r * torch.exp(decay_before)
         scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)
         chunk_kv = _chunk_transitions(k, v, w)[1]
+    if bonus is not None:  # the current token's own term, on the scores' diagonal (zero until now)
+        scores.diagonal(dim1=-2, dim2=-1).copy_(torch.bmm(r * k, bonus.transpose(-1, -2)).squeeze(-1))
     return scores @ v, query, chunk_decay, chunk_kv
 
 
-def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool = False, whole: bool = False):
+def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool = False, whole: bool = False,
+                  bonus=None):
     """One direction of the chunked scan, added into ``total``.
 
     views: r, k, v, w as [B, H, N, L, X] chunk views (``_chunk_view``); total: the output's
-    [B, H, N, L, V] view in the compute dtype (overwritten when ``first``). Returns the
+    [B, H, N, L, V] view in the compute dtype (overwritten when ``first``); bonus: u per chunk in
+    the pass's order [B, H, N, 1, K] (zero rows for a reverse direction laid out beside the
+    forward one), or None for no bonus. Returns the
     chunk-start states [B, H, N, K, V] (None for one chunk). Two passes over spans of chunks
     (``_spans``): the first adds each chunk's own output and keeps its transition, the states are
     passed between chunks, the second adds each chunk's start state read out through r e^B. The
@@ -492,7 +507,7 @@ def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool 
     kept = [] if chunks.whole and n_chunks > 1 else None  # small: each span's own output and query
     for span in chunks.spans:
         within, query, decay, kv = _chunk_parts(chunks.rows(r, span), chunks.rows(k, span), chunks.rows(v, span),
-                                                decays(span), sub_chunk_size)
+                                                decays(span), sub_chunk_size, chunks.part(bonus, span))
         if kept is None:
             chunks.add(total, span, within, first)
         else:
@@ -513,13 +528,25 @@ def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool 
             chunks.add(total, span, query @ chunks.part(states, span))
         else:
             within, query = kept[i]
-            chunks.add(total, span, torch.baddbmm(within, query, chunks.part(states, span)), first)
+            if first:  # the whole layout: the span is a block of total's rows, written in place
+                torch.baddbmm(within, query, chunks.part(states, span), out=total.view(-1, *within.shape[-2:])[span])
+            else:
+                chunks.add(total, span, torch.baddbmm(within, query, chunks.part(states, span)))
     return states
+
+
+def _bonus_rows(u, batch: int, heads: int, n_chunks: int, forward_batch: int):
+    """u [H, K] per chunk of a pass, [batch, H, N, 1, K]: the first ``forward_batch`` batch rows
+    carry it (the forward direction), the rest (a reverse direction laid out beside it) are zero."""
+    rows = u.new_zeros(batch, heads, n_chunks, 1, u.shape[-1])
+    rows[:forward_batch] = u[None, :, None, None, :]
+    return rows
 
 
 def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
     """WKV6 [B, T, H, K] -> ([B, T, H, V], the chunk-start states of each pass, or None): one
-    direction at a time (or, small, both in one pass), summed, plus the bonus."""
+    direction at a time (or, small, both in one pass), summed; the bonus is the forward pass's
+    score diagonal (``_chunk_parts``)."""
     compute = _compute_dtype(r.dtype)
     batch, length, heads = r.shape[:3]
     pad = (-length) % chunk_size
@@ -528,7 +555,8 @@ def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
         # sequential steps), laid out in chunks once; the copies cost nothing worth saving here
         views = [_both_directions(x, bidirectional, chunk_size, compute) for x in (r, k, v, w)]
         total = torch.empty(*views[2].shape, dtype=compute, device=r.device)
-        states = [_chunked_scan(views, total, False, sub_chunk_size, first=True, whole=True)]
+        bonus = _bonus_rows(u.to(compute), *views[0].shape[:3], batch)
+        states = [_chunked_scan(views, total, False, sub_chunk_size, first=True, whole=True, bonus=bonus)]
         out = _fold_directions(total, batch, length)
     else:
         out = torch.empty(batch, length + pad, heads, v.shape[-1], dtype=compute, device=r.device)
@@ -538,14 +566,13 @@ def _forward(r, k, v, w, u, bidirectional, chunk_size, sub_chunk_size):
             own = reverse and pad > 0
             total = torch.empty_like(out) if own else out
             views = [_chunk_view(x, reverse, chunk_size) for x in (r, k, v, w)]
+            bonus = None if reverse else _bonus_rows(u.to(compute), batch, heads, views[0].shape[2], batch)
             states.append(_chunked_scan(views, _chunk_view(total, False, chunk_size), reverse, sub_chunk_size,
-                                        first=own or not reverse))
+                                        first=own or not reverse, bonus=bonus))
             if own:
                 out[:, :length] += total[:, pad:]
             del views, total
         out = out[:, :length]
-    r_c, k_c, v_c, u_c = (x.to(compute) for x in (r, k, v, u))
-    out += (r_c * u_c * k_c).sum(-1, keepdim=True) * v_c  # the bonus r_t diag(u) k_t^T v_t
     return out.to(r.dtype), states
 
 
