@@ -79,9 +79,11 @@ _WKV_KERNEL = Option("wkv_kernel", "str", "auto",
                      "runs on CUDA and fla is installed, else chunked) | chunked (the project's exact chunked form, "
                      "every backend) | fla (PyTorch on CUDA only; fails if unavailable)", WKV_KERNELS)
 
-_MINDSPORE_MODE = Option("mindspore_mode", "str", "pynative",
-                         "MindSpore backend only: pynative (op by op) | graph (compiled; several times faster on CPU)",
-                         MINDSPORE_MODES)
+# Graph is the default, as in mindone's trainers: on CPU the digits demo's training step takes 0.12 s
+# compiled against 2.3-2.9 s op by op. PyNative stays for debugging (prints, breakpoints).
+_MINDSPORE_MODE = Option("mindspore_mode", "str", "graph",
+                         "MindSpore backend only: graph (compiled once per input shape; about 20x faster than "
+                         "pynative on CPU) | pynative (op by op, for debugging)", MINDSPORE_MODES)
 
 TRAIN_OPTIONS = [
     # data

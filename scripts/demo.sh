@@ -26,21 +26,17 @@ case "$objective" in
   text) config=digits_text; run_dir=runs/digits_text ;;
   *) echo "error: objective '$objective' unknown; expected ddpm, flow or text" >&2; exit 2 ;;
 esac
-mode=()
 case "$backend" in
   torch) ;;
   paddle) run_dir=${run_dir}_paddle ;;
-  mindspore)
-    run_dir=${run_dir}_mindspore
-    # Graph mode is several times faster than PyNative on CPU; pass --mindspore_mode pynative to compare.
-    mode=(--mindspore_mode graph) ;;
+  mindspore) run_dir=${run_dir}_mindspore ;;  # Graph mode, the default (--mindspore_mode pynative to compare)
   *) echo "error: backend '$backend' unknown; expected torch, paddle or mindspore" >&2; exit 2 ;;
 esac
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" requirements/dev.txt  # creates .venv on first use
 PY=python
 
-"$PY" -m "backends.$backend.train" -c "configs/train/$config.yaml" --run_dir "$run_dir" "${mode[@]}" "$@"
-"$PY" -m "backends.$backend.sample" -c "configs/sample/$config.yaml" --ckpt "$run_dir" --out_dir "$run_dir/samples_eval" "${mode[@]}"
+"$PY" -m "backends.$backend.train" -c "configs/train/$config.yaml" --run_dir "$run_dir" "$@"
+"$PY" -m "backends.$backend.sample" -c "configs/sample/$config.yaml" --ckpt "$run_dir" --out_dir "$run_dir/samples_eval"
 "$PY" -m tools.eval_digits "$run_dir/samples_eval/samples.npz" --json "$run_dir/eval.json" --min-accuracy 0.9
 
 echo "demo ($backend, $objective) finished in $(( $(date +%s) - start )) s; grid: $run_dir/samples_eval/grid.png, scores: $run_dir/eval.json"

@@ -28,7 +28,7 @@ from common.config import SAMPLE_SCHEMA, ConfigError, parse_cli, resolve_wkv_ker
 from common.sampling import SampleBackend, read_weights, run_sampling  # noqa: E402
 
 
-def pick_device(name: str, mode: str = "pynative") -> str:
+def pick_device(name: str, mode: str = "graph") -> str:
     """Set the execution mode and the device target (auto | cpu | cuda); returns the target."""
     target = set_execution_mode(mode, name)
     if name == "cuda" and target != "GPU":
