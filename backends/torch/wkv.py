@@ -447,7 +447,7 @@ def _chunked_scan_backward(views, totals, reverse: bool, sub_chunk_size: int, fi
             chunks.add(total, span, grad, first)
 
 
-def _chunk_parts(r, k, v, w, sub_chunk_size: int, bonus=None):
+def _chunk_parts(r, k, v, w, sub_chunk_size: int, bonus=None, kv_out=None):
     """What a chunk contributes on its own, for chunk rows [M, L, K]: the within-chunk output
     [M, L, V] (with the bonus r_t diag(u) k_t^T v_t when ``bonus``, u per row [M, 1, K], is given),
     the query that reads the start state (r e^B) [M, L, K], and the chunk's transition
@@ -457,19 +457,25 @@ def _chunk_parts(r, k, v, w, sub_chunk_size: int, bonus=None):
     exponential: the keys are k e^-C, the queries r e^B = r / e^-C shifted by one token (every
     e^-C is at most e^MAX_FACTORISED_EXPONENT, so the division is exact to rounding), and the
     transition's decayed keys k e^A are the keys times e^(sum w). Other rows take the exact split
-    (``_within_chunk_scores``) and the exact transition."""
+    (``_within_chunk_scores``) and the exact transition, over w floored at LOG_DECAY_FLOOR (w may hold
+    -inf: a bounded chunk holds none, so only this path needs the floor). ``kv_out`` [M, K, V], if
+    given, receives chunk_kv. Intermediates are updated in place where nothing reads them again: at
+    these sizes each fresh tensor costs about as much as the pass that fills it."""
     total = torch.cumsum(w, dim=-2)  # C_t = w_0 + ... + w_t, <= 0
     chunk_decay = torch.exp(total[..., -1, :])  # [M, K]
     size = r.shape[-2]
     if bool(((-total[..., -1, :]).amax(dim=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]).all()):  # _factorisable
-        growth = torch.exp(-total)
+        growth = total.neg_().exp_()  # e^-C, in place: C is not needed again
         key = k * growth
         query = torch.empty_like(r)
         query[..., 0, :] = r[..., 0, :]
         torch.div(r[..., 1:, :], growth[..., :-1, :], out=query[..., 1:, :])
-        scores = (query @ key.transpose(-1, -2)).mul_(torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1))
-        chunk_kv = (key * chunk_decay.unsqueeze(-2)).transpose(-1, -2) @ v
+        del growth, total
+        scores = torch.bmm(query, key.transpose(-1, -2)).mul_(torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1))
+        chunk_kv = torch.bmm(key.mul_(chunk_decay.unsqueeze(-2)).transpose(-1, -2), v, out=kv_out)
+        del key
     else:
+        w = w.clamp(min=LOG_DECAY_FLOOR)
         decay_before = _exclusive_cumsum(w, dim=-2)
         query = r * torch.exp(decay_before)
         scores = _within_chunk_scores(r, k, w, decay_before, sub_chunk_size)
@@ -504,19 +510,22 @@ def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool 
         return chunks.rows(w, span).clamp(min=LOG_DECAY_FLOOR)
 
     chunk_decay = chunk_kv = None
+    if n_chunks > 1:
+        chunk_kv = r.new_empty(b, h, n_chunks, dk, v.shape[-1], dtype=total.dtype)
+        chunk_decay = r.new_empty(b, h, n_chunks, dk, dtype=total.dtype)
     kept = [] if chunks.whole and n_chunks > 1 else None  # small: each span's own output and query
     for span in chunks.spans:
+        # the whole layout: the span's transitions are a block of chunk_kv's rows, written in place
+        kv_out = chunk_kv.view(-1, *chunk_kv.shape[-2:])[span] if chunks.whole and chunk_kv is not None else None
         within, query, decay, kv = _chunk_parts(chunks.rows(r, span), chunks.rows(k, span), chunks.rows(v, span),
-                                                decays(span), sub_chunk_size, chunks.part(bonus, span))
+                                                chunks.rows(w, span), sub_chunk_size, chunks.part(bonus, span), kv_out)
         if kept is None:
             chunks.add(total, span, within, first)
         else:
             kept.append((within, query))
         if n_chunks > 1:
-            if chunk_kv is None:
-                chunk_kv = kv.new_empty(b, h, n_chunks, *kv.shape[-2:])
-                chunk_decay = decay.new_empty(b, h, n_chunks, dk)
-            chunks.put(chunk_kv, span, kv)
+            if kv is not kv_out:
+                chunks.put(chunk_kv, span, kv)
             chunks.put(chunk_decay, span, decay)
     if n_chunks == 1:
             return None
