@@ -67,6 +67,24 @@ def _ms(seconds):
     return "-" if seconds is None else (f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}")
 
 
+def _ms_range(times, scale: float = 1.0) -> str:
+    """The spread of timed runs, min-max in ms ("-" for fewer than two)."""
+    if not times or len(times) < 2:
+        return "-"
+    return f"{_ms(min(times) * scale)}-{_ms(max(times) * scale)}"
+
+
+def _ratio_range(numerator_times, denominator_times) -> str:
+    """The spread of a ratio of two timed figures, from their interquartile ranges: the numerator's
+    lower quartile over the denominator's upper one, to the other way round ("-" without raw times)."""
+    if not numerator_times or not denominator_times or min(len(numerator_times), len(denominator_times)) < 2:
+        return "-"
+    from bench.util import spread
+
+    n, d = spread(numerator_times), spread(denominator_times)
+    return f"{n['q1_s'] / d['q3_s']:.2f}-{n['q3_s'] / d['q1_s']:.2f}"
+
+
 def markdown(results: dict, plot_names: dict) -> str:
     m = results["machine"]
     lines = [f"# DiR benchmarks: {results['date']} on {m['host']}", "",
@@ -90,13 +108,17 @@ def markdown(results: dict, plot_names: dict) -> str:
     if wkv:
         c = wkv["config"]
         lines += [f"## WKV6: chunked vs reference (B={c['B']}, H={c['H']}, K={c['K']}, causal, fp32)", "",
-                  "| T | chunked fwd ms | reference fwd ms | fwd speed-up | chunked fwd+bwd ms | reference fwd+bwd ms "
-                  "| fwd+bwd speed-up | same-FLOPs bmm ms | chunked fwd / bmm | chunked GFLOP/s | max abs err |",
+                  "| T | chunked fwd ms (range) | reference fwd ms | fwd speed-up | chunked fwd+bwd ms (range) "
+                  "| reference fwd+bwd ms | fwd+bwd speed-up | same-FLOPs bmm ms (range) | chunked fwd / bmm "
+                  "(interquartile) | chunked GFLOP/s | max abs err |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in wkv["rows"]:
-            lines.append(f"| {r['T']} | {_ms(r['chunked_fwd_s'])} | {_ms(r['reference_fwd_s'])} | "
-                         f"{r['speedup_fwd']:.1f}x | {_ms(r['chunked_fwd_bwd_s'])} | {_ms(r['reference_fwd_bwd_s'])} | "
-                         f"{r['speedup_fwd_bwd']:.1f}x | {_ms(r['matmul_s'])} | {r['chunked_fwd_over_matmul']:.2f}x | "
+            t = r.get("timings", {})
+            lines.append(f"| {r['T']} | {_ms(r['chunked_fwd_s'])} ({_ms_range(t.get('chunked_fwd'))}) | "
+                         f"{_ms(r['reference_fwd_s'])} | {r['speedup_fwd']:.1f}x | {_ms(r['chunked_fwd_bwd_s'])} "
+                         f"({_ms_range(t.get('chunked_fwd_bwd'))}) | {_ms(r['reference_fwd_bwd_s'])} | "
+                         f"{r['speedup_fwd_bwd']:.1f}x | {_ms(r['matmul_s'])} ({_ms_range(t.get('matmul'))}) | "
+                         f"{r['chunked_fwd_over_matmul']:.2f}x ({_ratio_range(t.get('chunked_fwd'), t.get('matmul'))}) | "
                          f"{r['chunked_fwd_gflops']:.1f} | {r['max_abs_err_vs_reference']:.1e} |")
         peak = wkv["peak_gemm"]
         lines += ["", f"Same FLOPs: the chunked forward's matrix-product FLOPs, 2L(LK + LV + 2KV) per chunk of "
@@ -116,7 +138,7 @@ def markdown(results: dict, plot_names: dict) -> str:
                   ""]
         models = [m for m in MODEL_LABELS if any(r["model"] == m for r in sc["rows"])]
         by = {(r["model"], r["tokens"]): r for r in sc["rows"]}
-        head = "| tokens | batch | " + " | ".join(f"{MODEL_LABELS[m]} ms/img" for m in models)
+        head = "| tokens | batch | " + " | ".join(f"{MODEL_LABELS[m]} ms/img (range)" for m in models)
         head += " | " + " | ".join(f"DiT / {MODEL_LABELS[m]}" for m in models if m != "dit")
         head += " | " + " | ".join(f"{MODEL_LABELS[m]} step peak MB" for m in models) + " |"
         lines += [head, "|" + "---|" * (2 + len(models) + (len(models) - 1) + len(models))]
@@ -124,7 +146,8 @@ def markdown(results: dict, plot_names: dict) -> str:
             cells = [str(tokens), str(by.get((models[0], tokens), {}).get("batch", "-"))]
             for m in models:
                 r = by.get((m, tokens), {})
-                cells.append(_ms(r["per_image_s"]) if r.get("status") == "ok" else r.get("status", "-"))
+                cells.append(f"{_ms(r['per_image_s'])} ({_ms_range(r.get('times_s'), 1 / r['batch'])})"
+                             if r.get("status") == "ok" else r.get("status", "-"))
             for m in models:
                 if m == "dit":
                     continue
@@ -211,7 +234,7 @@ def plot_wkv(wkv: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -250,18 +273,34 @@ def plot_scaling(scaling: dict, path_time: Path, path_mem: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        _save_figure(fig, path)
         plt.close(fig)
 
 
-def write_all(results: dict, out_dir: Path) -> dict:
-    """Write <date>-<host>.json/.md and the PNGs into ``out_dir``; returns the paths."""
+def _save_figure(fig, path: Path) -> None:
+    """A PNG written to a temp name and renamed (``common.atomic``): never a torn file."""
+    from common.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from common.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_all(results: dict, out_dir: Path, stem: str | None = None) -> dict:
+    """Write <date>-<host>.json/.md and the PNGs into ``out_dir`` (named ``stem``.* instead when
+    given); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
     host = re.sub(r"[^A-Za-z0-9_.-]+", "_", results["machine"]["host"])
-    stem = f"{results['date']}-{host}" + (f"-{results['mode']}" if results["mode"] not in ("quick",) else "")
+    stem = stem or f"{results['date']}-{host}" + (f"-{results['mode']}" if results["mode"] not in ("quick",) else "")
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
     plot_names = {}
     if results.get("wkv", {}).get("rows"):
@@ -275,16 +314,16 @@ def write_all(results: dict, out_dir: Path) -> dict:
         if key in paths:
             plot_names[key] = paths[key].name
     results["files"] = {k: p.name for k, p in paths.items()}
-    paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
-    paths["markdown"].write_text(markdown(results, plot_names))
+    _write_text(paths["json"], json.dumps(results, indent=1, default=str) + "\n")
+    _write_text(paths["markdown"], markdown(results, plot_names))
     return paths
 
 
-if __name__ == "__main__":  # python -m bench.report RESULTS.json: re-render its Markdown and plots
+if __name__ == "__main__":  # python -m bench.report RESULTS.json: re-render its Markdown and plots, under its name
     import sys
 
     source = Path(sys.argv[1])
     data = json.loads(source.read_text())
     data["targets"] = evaluate_targets(data) if data.get("mode") != "smoke" else []
-    for name, path in write_all(data, source.parent).items():
+    for name, path in write_all(data, source.parent, source.stem).items():
         print(name, path)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.util import REPO_ROOT, set_threads
+from common.atomic import atomic_path
 
 SETTINGS = {  # name -> (token_shift, scan_order); "dit" is the attention reference
     "raster/raster": ("raster", "raster"),
@@ -271,16 +272,14 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"MNIST, {result['steps']} steps of {result['batch']} (patch 2: {result['steps_patch2']}), "
                  f"bars = min..max over seeds")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def main(argv=None) -> None:

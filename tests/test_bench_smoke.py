@@ -164,6 +164,22 @@ def test_spread_and_load_warning(monkeypatch):
     assert util.load_warning("start") is None
 
 
+def test_report_gives_spreads_and_rerenders_under_the_file_name(tmp_path):
+    from bench import report
+
+    assert report._ms_range([0.003, 0.001, 0.002]) == "1.0-3.0"
+    assert report._ms_range([0.002], 1.0) == "-"
+    # interquartile bounds of [1..5] are 2 and 4; the denominator's are 1 and 1
+    assert report._ratio_range([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == "2.00-4.00"
+    assert report._ratio_range([1.0, 2.0], None) == "-"
+    results = {"date": "2026-01-01", "mode": "quick", "command": "python -m bench.run", "wall_s": 60.0,
+               "machine": {"host": "h", "device": "cpu", "cpu": "c", "cpu_count": 2, "torch": "t", "torch_threads": 2}}
+    paths = report.write_all(results, tmp_path, "renamed-run")
+    assert paths["markdown"] == tmp_path / "renamed-run.md" and paths["markdown"].is_file()
+    assert json.loads((tmp_path / "renamed-run.json").read_text())["files"]["markdown"] == "renamed-run.md"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written through temp names, renamed
+
+
 @pytest.mark.parametrize("backend", ["paddle", "mindspore"])
 def test_backend_step_timer_runs_the_demo_step(backend):
     """Each backend's trainer step builds the demo spec, trains and reports a positive step time
