@@ -90,10 +90,15 @@ def _pairwise_scores(r, k, w):
     return scores * torch.ones(size, size, dtype=r.dtype, device=r.device).tril(-1)
 
 
+def _bounded(chunk_total):
+    """Per chunk [...]: True where exp(-chunk_total), the chunk's log-decay summed [..., K], stays below
+    exp(MAX_FACTORISED_EXPONENT) in every channel."""
+    return (-chunk_total.detach()).amax(dim=-1) <= MAX_FACTORISED_EXPONENT[chunk_total.dtype]
+
+
 def _factorisable(w, decay_before):
     """Per chunk [...]: True where exp(sum of |w| over the chunk) stays below exp(MAX_FACTORISED_EXPONENT)."""
-    span_total = -(decay_before[..., -1, :] + w[..., -1, :]).detach()
-    return span_total.amax(dim=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]
+    return _bounded(decay_before[..., -1, :] + w[..., -1, :])
 
 
 def _factorised_scores(r, k, w, decay_before):
@@ -464,7 +469,7 @@ def _chunk_parts(r, k, v, w, sub_chunk_size: int, bonus=None, kv_out=None):
     total = torch.cumsum(w, dim=-2)  # C_t = w_0 + ... + w_t, <= 0
     chunk_decay = torch.exp(total[..., -1, :])  # [M, K]
     size = r.shape[-2]
-    if bool(((-total[..., -1, :]).amax(dim=-1) <= MAX_FACTORISED_EXPONENT[w.dtype]).all()):  # _factorisable
+    if bool(_bounded(total[..., -1, :]).all()):
         growth = total.neg_().exp_()  # e^-C, in place: C is not needed again
         key = k * growth
         query = torch.empty_like(r)
