@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+from bench.util import spread
+
 MODEL_LABELS = {"dit": "DiT (SDPA attention)", "dir-causal": "DiR causal", "dir-bidirectional": "DiR bidirectional",
                 "dir-causal+recompute": "DiR causal, recompute", "dir-bidirectional+recompute": "DiR bidirectional, recompute"}
 
@@ -79,8 +81,6 @@ def _ratio_range(numerator_times, denominator_times) -> str:
     lower quartile over the denominator's upper one, to the other way round ("-" without raw times)."""
     if not numerator_times or not denominator_times or min(len(numerator_times), len(denominator_times)) < 2:
         return "-"
-    from bench.util import spread
-
     n, d = spread(numerator_times), spread(denominator_times)
     return f"{n['q1_s'] / d['q3_s']:.2f}-{n['q3_s'] / d['q1_s']:.2f}"
 

@@ -495,7 +495,8 @@ def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool 
     """One direction of the chunked scan, added into ``total``.
 
     views: r, k, v, w as [B, H, N, L, X] chunk views (``_chunk_view``); total: the output's
-    [B, H, N, L, V] view in the compute dtype (overwritten when ``first``); bonus: u per chunk in
+    [B, H, N, L, V] view in the compute dtype (overwritten when ``first``, as the ``whole`` layout of
+    small inputs always is: their one pass writes it); bonus: u per chunk in
     the pass's order [B, H, N, 1, K] (zero rows for a reverse direction laid out beside the
     forward one), or None for no bonus. Returns the
     chunk-start states [B, H, N, K, V] (None for one chunk). Two passes over spans of chunks
@@ -541,11 +542,8 @@ def _chunked_scan(views, total, reverse: bool, sub_chunk_size: int, first: bool 
             query = chunks.rows(r, span) * torch.exp(_exclusive_cumsum(decays(span), dim=-2))
             chunks.add(total, span, query @ chunks.part(states, span))
         else:
-            within, query = kept[i]
-            if first:  # the whole layout: the span is a block of total's rows, written in place
-                torch.baddbmm(within, query, chunks.part(states, span), out=total.view(-1, *within.shape[-2:])[span])
-            else:
-                chunks.add(total, span, torch.baddbmm(within, query, chunks.part(states, span)))
+            within, query = kept[i]  # the whole layout: the span is a block of total's rows, overwritten
+            torch.baddbmm(within, query, chunks.part(states, span), out=total.view(-1, *within.shape[-2:])[span])
     return states
 
 
